@@ -1,0 +1,308 @@
+"""The Model object: named NumPy parameters driven by the C engine.
+
+Parameters, gradients and optimizer state are NumPy arrays owned by Python,
+so users can read and edit them between calls. The C engine keeps only
+activation buffers, sized once per (B, T).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+from .layout import is_lora_name, param_specs
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def engine_config(config: ModelConfig, recompute: bool = False) -> dict:
+    """Translate a ModelConfig into the plain dict the C engine parses."""
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "embed_dim": config.embed_dim,
+        "num_layers": config.num_layers,
+        "num_heads": config.num_heads,
+        "num_kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "position_offset": config.position_offset,
+        "norm": config.norm,
+        "activation": config.activation,
+        "position": config.position,
+        "rope_interleaved": int(config.rope_interleaved),
+        "tie_word_embeddings": int(config.tie_word_embeddings),
+        "attention_bias": int(config.attention_bias),
+        "attention_out_bias": int(config.attention_out_bias),
+        "mlp_bias": int(config.mlp_bias),
+        "pre_norm": int(config.pre_norm),
+        "final_norm": int(config.final_norm),
+        "norm_eps": config.norm_eps,
+        "lora_rank": config.lora_rank,
+        "lora_scale": config.lora_scale,
+        "lora_targets": list(config.lora_targets),
+        "recompute": int(recompute),
+    }
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Compute RoPE inverse frequencies (head_dim/2,) in float32, with HF's rope_scaling types.
+
+    Supports no scaling, "linear", and "llama3" (Llama 3.1 style smoothing);
+    other types raise ValueError.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return inv_freq
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: linear, llama3")
+
+
+def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict:
+    """Create random parameters: N(0, std) weights, unit norm weights, zero biases.
+
+    LoRA A gets N(0, 1/r) and LoRA B zeros, so a fresh adapter changes nothing.
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_specs(config):
+        if name.endswith(".lora_B") or name.endswith(".bias"):
+            params[name] = np.zeros(shape, np.float32)
+        elif name.endswith(".lora_A"):
+            params[name] = (rng.standard_normal(shape) / math.sqrt(config.lora_rank)).astype(np.float32)
+        elif "norm" in name:
+            params[name] = np.ones(shape, np.float32)
+        else:
+            params[name] = (rng.standard_normal(shape) * std).astype(np.float32)
+    return params
+
+
+def as_token_array(tokens, name: str = "tokens") -> np.ndarray:
+    """Convert token ids (any integer array or nested list, 1-D or 2-D) to int32 (B, T)."""
+    array = np.asarray(tokens)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 1-D or 2-D (B, T), got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must contain integers, got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > _INT32_MAX):
+        raise ValueError(f"{name} contains ids outside [0, {_INT32_MAX}]: min {array.min()}, max {array.max()}")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def default_positions(mask: np.ndarray) -> np.ndarray:
+    """Positions counted over real tokens only, so left padding does not shift them.
+
+    Padding positions get the last real position (or 0); they never affect real tokens.
+    """
+    positions = np.cumsum(mask, axis=1, dtype=np.int64) - 1
+    return np.ascontiguousarray(np.maximum(positions, 0), dtype=np.int32)
+
+
+class Model:
+    """A decoder-only transformer whose weights are a dict of NumPy arrays.
+
+    params maps skupy parameter names (skupy.layout) to float32 arrays.
+    trainable selects which parameters get gradients: "auto" means the LoRA
+    adapters when config.lora_rank > 0 and every parameter otherwise.
+    recompute=True keeps only each block's input during forward and recomputes
+    the rest in backward: about one extra forward of compute for a large cut in
+    activation memory.
+    """
+
+    def __init__(self, config: ModelConfig, params: Optional[dict] = None, *, recompute: bool = False,
+                 trainable="auto", seed: int = 0, tokenizer=None):
+        self.config = config
+        self.recompute = recompute
+        self.tokenizer = tokenizer
+        self.engine = _core.Engine(engine_config(config, recompute))
+        self.specs = [(name, tuple(shape)) for name, shape in self.engine.param_specs()]
+        if config.position == "rope":
+            self.engine.set_inv_freq(rope_inv_freq(config))
+
+        if params is None:
+            params = init_params(config, seed)
+        self.params = self._checked_params(params, seed)
+        self.set_trainable(trainable)
+
+    def _checked_params(self, params: dict, seed: int) -> dict:
+        expected = dict(self.specs)
+        unknown = sorted(set(params) - set(expected))
+        if unknown:
+            raise ValueError(f"unknown parameter names for this config: {', '.join(unknown[:5])}"
+                             f"{' ...' if len(unknown) > 5 else ''}")
+        missing = [name for name in expected if name not in params and not is_lora_name(name)]
+        if missing:
+            raise ValueError(f"missing parameters: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+        checked = {}
+        fresh_lora = None
+        for name, shape in self.specs:
+            if name not in params:
+                if fresh_lora is None:
+                    fresh_lora = init_params(self.config, seed)
+                checked[name] = fresh_lora[name]
+                continue
+            array = np.asarray(params[name])
+            if array.shape != shape:
+                raise ValueError(f"parameter {name} has shape {array.shape}, expected {shape}")
+            checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+        return checked
+
+    # ------------------------------------------------------------------
+    # trainable parameters and gradients
+
+    def set_trainable(self, trainable="auto") -> None:
+        """Choose the parameters that get gradients ("auto", "all", "lora" or a list of names)."""
+        names = [name for name, _ in self.specs]
+        if trainable == "auto":
+            trainable = "lora" if self.config.lora_rank > 0 else "all"
+        if trainable == "all":
+            selected = [n for n in names if not is_lora_name(n)] if self.config.lora_rank == 0 else names
+        elif trainable == "lora":
+            selected = [n for n in names if is_lora_name(n)]
+            if not selected:
+                raise ValueError("trainable='lora' but the config has no LoRA adapters (lora_rank=0)")
+        else:
+            selected = list(trainable)
+            unknown = sorted(set(selected) - set(names))
+            if unknown:
+                raise ValueError(f"unknown trainable parameter names: {', '.join(unknown[:5])}")
+        self.trainable = [n for n in names if n in set(selected)]
+        self.grads = {name: np.zeros(self.params[name].shape, np.float32) for name in self.trainable}
+
+    def zero_grad(self) -> None:
+        for grad in self.grads.values():
+            grad.fill(0.0)
+
+    def param_list(self, params: Optional[dict] = None) -> list:
+        source = self.params if params is None else params
+        return [source[name] for name, _ in self.specs]
+
+    def _grad_list(self) -> list:
+        return [self.grads.get(name) for name, _ in self.specs]
+
+    # ------------------------------------------------------------------
+    # forward passes
+
+    def _inputs(self, tokens, mask=None, positions=None):
+        tokens = as_token_array(tokens)
+        if mask is None:
+            mask = np.ones(tokens.shape, np.int32)
+        else:
+            mask = np.asarray(mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if mask.shape != tokens.shape:
+                raise ValueError(f"mask has shape {mask.shape}, expected the tokens' shape {tokens.shape}")
+            mask = np.ascontiguousarray(mask != 0, dtype=np.int32)
+        if positions is None:
+            positions = default_positions(mask)
+        else:
+            positions = as_token_array(positions, "positions")
+            if positions.shape != tokens.shape:
+                raise ValueError(f"positions has shape {positions.shape}, expected {tokens.shape}")
+        return tokens, mask, positions
+
+    def run(self, tokens, mask=None, positions=None, *, use_lora: bool = True, params: Optional[dict] = None):
+        """Run the forward pass and keep its logits inside the engine; returns (tokens, mask) as int32."""
+        tokens, mask, positions = self._inputs(tokens, mask, positions)
+        self.engine.forward(self.param_list(params), tokens, positions, mask, use_lora)
+        return tokens, mask
+
+    def forward(self, tokens, mask=None, positions=None, *, use_lora: bool = True,
+                params: Optional[dict] = None) -> np.ndarray:
+        """Return logits (B, T, V) float32 for token ids (B, T) and a padding mask (1 = real token).
+
+        params overrides the model's own parameters for this call (same names and
+        shapes), e.g. the frozen original weights; use_lora=False runs the base model.
+        """
+        self.run(tokens, mask, positions, use_lora=use_lora, params=params)
+        return self.engine.logits()
+
+    __call__ = forward
+
+    def hidden_states(self, tokens, mask=None, positions=None, *, use_lora: bool = True) -> np.ndarray:
+        """Return the LM head's input (B, T, E): the final normalized hidden states."""
+        self.run(tokens, mask, positions, use_lora=use_lora)
+        return self.engine.hidden()
+
+    def token_nll(self, tokens, targets, weights, mask=None, positions=None, *, use_lora: bool = True):
+        """Return (weighted sum, per-position NLL (B, T)) of targets under the model; no gradient."""
+        self.run(tokens, mask, positions, use_lora=use_lora)
+        return self.engine.cross_entropy(_f32(targets, np.int32), _f32(weights))
+
+    # ------------------------------------------------------------------
+    # gradient passes
+
+    def accumulate_ce(self, tokens, targets, weights, mask=None, positions=None, *, scale: float = 1.0) -> float:
+        """Add scale * d/dθ [Σ weights · NLL(targets)] to self.grads; return the weighted sum.
+
+        Weighted sum = Σ_{b,t} weights[b,t] · (−log p(targets[b,t] | tokens[b,:t+1])).
+        """
+        self.run(tokens, mask, positions)
+        total, _ = self.engine.cross_entropy(_f32(targets, np.int32), _f32(weights), scale)
+        self.engine.backward(self.param_list(), self._grad_list())
+        return total
+
+    def accumulate_kl(self, tokens, ref_logits, weights, mask=None, positions=None, *, scale: float = 1.0,
+                      reverse: bool = False) -> float:
+        """Add scale * d/dθ [Σ weights · KL(p_ref ‖ p_θ)] to self.grads; return the weighted sum.
+
+        reverse=True uses KL(p_θ ‖ p_ref) instead.
+        """
+        self.run(tokens, mask, positions)
+        total, _ = self.engine.kl_div(_f32(ref_logits), _f32(weights), reverse, scale)
+        self.engine.backward(self.param_list(), self._grad_list())
+        return total
+
+    # ------------------------------------------------------------------
+    # LoRA
+
+    def lora_names(self) -> list:
+        return [name for name, _ in self.specs if is_lora_name(name)]
+
+    def merged_params(self) -> dict:
+        """Return base parameters with every LoRA delta B·A·(alpha/r) merged in (new arrays)."""
+        merged = {name: array.copy() for name, array in self.params.items() if not is_lora_name(name)}
+        for name in self.lora_names():
+            if name.endswith(".lora_A"):
+                prefix = name[: -len(".lora_A")]
+                _core.lora_merge(merged[prefix + ".weight"], self.params[name], self.params[prefix + ".lora_B"],
+                                 self.config.lora_scale)
+        return merged
+
+    def base_config(self) -> ModelConfig:
+        """The config without LoRA adapters (what merged_params() fits)."""
+        return self.config.replace(lora_rank=0)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        names = self.trainable if trainable_only else list(self.params)
+        return int(sum(self.params[name].size for name in names))
+
+
+def _f32(array, dtype=np.float32) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array), dtype=dtype)
