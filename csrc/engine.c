@@ -19,6 +19,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "generate.h"
 #include "model.h"
 #include "ops.h"
 
@@ -586,6 +587,127 @@ static PyObject *engine_backward(EngineObject *self, PyObject *args, PyObject *k
     Py_RETURN_NONE;
 }
 
+static PyObject *engine_generate(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"params", "tokens", "mask", "max_new_tokens", "temperature", "top_k",
+                             "top_p", "seed", "stop_ids", "pad_id", "use_lora", NULL};
+    PyObject *params, *tokens_obj, *mask_obj, *stop_obj = Py_None;
+    int max_new = 0, top_k = 0, pad_id = 0, use_lora = 1;
+    double temperature = 0.0, top_p = 1.0;
+    unsigned long long seed = 0;
+    if (engine_enter(self) < 0 ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "OOOi|didKOip", kwlist, &params, &tokens_obj,
+                                     &mask_obj, &max_new, &temperature, &top_k, &top_p, &seed,
+                                     &stop_obj, &pad_id, &use_lora)) {
+        return NULL;
+    }
+    Model *m = &self->model;
+    const ModelConfig *c = &m->cfg;
+
+    npy_intp any2[2] = {ANY_DIM, ANY_DIM};
+    PyArrayObject *tokens = check_array(tokens_obj, "tokens", NPY_INT32, 2, any2, 0);
+    if (tokens == NULL) {
+        return NULL;
+    }
+    npy_intp B = PyArray_DIM(tokens, 0), Tp = PyArray_DIM(tokens, 1);
+    if (B == 0 || Tp == 0) {
+        PyErr_Format(PyExc_ValueError, "tokens has shape (%zd, %zd); B and T must be at least 1",
+                     (Py_ssize_t)B, (Py_ssize_t)Tp);
+        return NULL;
+    }
+    if (max_new < 1) {
+        PyErr_Format(PyExc_ValueError, "max_new_tokens must be at least 1, got %d", max_new);
+        return NULL;
+    }
+    if (Tp + (npy_intp)max_new > c->max_positions) {
+        PyErr_Format(PyExc_ValueError,
+                     "prompt length %zd + max_new_tokens %d exceeds max_position_embeddings=%d; "
+                     "shorten the prompt or generate fewer tokens",
+                     (Py_ssize_t)Tp, max_new, c->max_positions);
+        return NULL;
+    }
+    if (!isfinite(temperature) || temperature < 0.0) {
+        PyErr_SetString(PyExc_ValueError, "temperature must be a finite number >= 0 (0 = greedy)");
+        return NULL;
+    }
+    if (!(top_p > 0.0 && top_p <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "top_p must lie in (0, 1]");
+        return NULL;
+    }
+    if (top_k < 0) {
+        PyErr_SetString(PyExc_ValueError, "top_k must be >= 0 (0 = no top-k filter)");
+        return NULL;
+    }
+    if (pad_id < 0 || pad_id >= c->V) {
+        PyErr_Format(PyExc_ValueError, "pad_id=%d is out of range [0, %d)", pad_id, c->V);
+        return NULL;
+    }
+    npy_intp bt[2] = {B, Tp};
+    PyArrayObject *mask = check_array(mask_obj, "mask", NPY_INT32, 2, bt, 0);
+    if (mask == NULL || check_index_range(I32(tokens), NULL, B * Tp, c->V, "tokens") < 0) {
+        return NULL;
+    }
+    PyArrayObject *stop = NULL;
+    if (stop_obj != Py_None) {
+        npy_intp any1[1] = {ANY_DIM};
+        stop = check_array(stop_obj, "stop_ids", NPY_INT32, 1, any1, 0);
+        if (stop == NULL ||
+            check_index_range(I32(stop), NULL, PyArray_DIM(stop, 0), c->V, "stop_ids") < 0) {
+            return NULL;
+        }
+    }
+    if ((double)B * (double)(Tp + max_new) > 1e7) {
+        PyErr_Format(PyExc_ValueError, "generation batch of %zd x %zd tokens is too large",
+                     (Py_ssize_t)B, (Py_ssize_t)(Tp + max_new));
+        return NULL;
+    }
+
+    float **slots = PyMem_Calloc((size_t)m->num_slots, sizeof(float *));
+    if (slots == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyObject *keep;
+    if (collect_arrays(self, params, "params", 0, 0, slots, &keep) < 0) {
+        PyMem_Free(slots);
+        return NULL;
+    }
+    npy_intp out_dims[2] = {B, max_new};
+    PyArrayObject *out = (PyArrayObject *)PyArray_ZEROS(2, out_dims, NPY_INT32, 0);
+    PyArrayObject *lengths = (PyArrayObject *)PyArray_ZEROS(1, &B, NPY_INT32, 0);
+    if (out == NULL || lengths == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(lengths);
+        Py_DECREF(keep);
+        PyMem_Free(slots);
+        return NULL;
+    }
+    GenerateOptions opt = {
+        .temperature = (float)temperature, .top_k = top_k, .top_p = (float)top_p,
+        .seed = (uint64_t)seed, .stop_ids = stop ? I32(stop) : NULL,
+        .num_stop = stop ? (int)PyArray_DIM(stop, 0) : 0, .pad_id = pad_id,
+        .use_lora = use_lora && c->lora_rank > 0,
+    };
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = model_generate(m, slots, I32(tokens), I32(mask), (int)B, (int)Tp, max_new, &opt,
+                        I32(out), I32(lengths));
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    Py_DECREF(keep);
+    PyMem_Free(slots);
+    if (rc < 0) {
+        Py_DECREF(out);
+        Py_DECREF(lengths);
+        PyErr_Format(PyExc_MemoryError,
+                     "cannot allocate the key/value cache for %zd prompts of %zd + %d tokens; "
+                     "generate in smaller batches",
+                     (Py_ssize_t)B, (Py_ssize_t)Tp, max_new);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", out, lengths);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Module-level helpers that belong with the model */
 
@@ -652,6 +774,11 @@ static PyMethodDef engine_methods[] = {
     {"kl_div", (PyCFunction)(void (*)(void))engine_kl_div, METH_VARARGS | METH_KEYWORDS,
      "kl_div(ref_logits, weights, reverse=False, grad_scale=None) -> (weighted_sum, losses)\n\n"
      "KL(p_ref || p) per position (reverse: KL(p || p_ref)), p from the last logits."},
+    {"generate", (PyCFunction)(void (*)(void))engine_generate, METH_VARARGS | METH_KEYWORDS,
+     "generate(params, tokens, mask, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,\n"
+     "         seed=0, stop_ids=None, pad_id=0, use_lora=True) -> (new_tokens, lengths)\n\n"
+     "Decode with a key/value cache from left-padded prompts tokens (B,Tp) int32 and mask\n"
+     "(B,Tp) int32; returns new_tokens (B,max_new_tokens) and lengths (B,) int32."},
     {"backward", (PyCFunction)(void (*)(void))engine_backward, METH_VARARGS | METH_KEYWORDS,
      "backward(params, grads)\n\nAccumulate parameter gradients into grads (None = frozen)."},
     {NULL, NULL, 0, NULL},

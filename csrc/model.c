@@ -214,10 +214,8 @@ void model_set_inv_freq(Model *m, const float *inv_freq)
 /* ------------------------------------------------------------------------ */
 /* Activation layout */
 
-/* Carves one block's activations from base (or only counts when base is NULL).
- * Returns the number of floats used. */
-static size_t layer_layout(const ModelConfig *c, size_t N, size_t B, size_t T, float *base,
-                           LayerActs *la)
+size_t layer_layout(const ModelConfig *c, size_t N, size_t B, size_t Tq, size_t Tk, float *base,
+                    LayerActs *la)
 {
     size_t used = 0;
     LayerActs dummy;
@@ -240,7 +238,7 @@ static size_t layer_layout(const ModelConfig *c, size_t N, size_t B, size_t T, f
     TAKE(la->q, N * qw);
     TAKE(la->k, N * kvw);
     TAKE(la->v, N * kvw);
-    TAKE(la->att, B * c->NH * T * T);
+    TAKE(la->att, B * c->NH * Tq * Tk);
     TAKE(la->atty, N * qw);
     TAKE(la->r1, N * c->C);
     if (c->pre_norm) {
@@ -316,7 +314,7 @@ int model_reserve(Model *m, int B, int T)
 {
     const ModelConfig *c = &m->cfg;
     size_t N = (size_t)B * T;
-    size_t per_layer = layer_layout(c, N, B, T, NULL, NULL);
+    size_t per_layer = layer_layout(c, N, B, T, T, NULL, NULL);
     size_t stored_layers = c->recompute ? 1 : (size_t)c->L;
     size_t need = N * c->E                    /* embed */
                   + (size_t)(c->L + 1) * N * c->C  /* resid */
@@ -377,13 +375,13 @@ int model_reserve(Model *m, int B, int T)
 static void layer_acts(Model *m, int l, LayerActs *la)
 {
     size_t index = m->cfg.recompute ? 0 : (size_t)l;
-    layer_layout(&m->cfg, N_ROWS(m), m->B, m->T, m->layer_store + index * m->layer_floats, la);
+    layer_layout(&m->cfg, N_ROWS(m), m->B, m->T, m->T, m->layer_store + index * m->layer_floats, la);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers: norms by type, linear layers with optional LoRA */
 
-static void norm_forward(const ModelConfig *c, float *out, float *mean, float *rstd,
+void norm_forward(const ModelConfig *c, float *out, float *mean, float *rstd,
                          const float *inp, const float *w, const float *b, int N)
 {
     if (c->norm == NORM_RMS) {
@@ -404,13 +402,10 @@ static void norm_backward(const ModelConfig *c, float *dinp, float *dw, float *d
     }
 }
 
-/* out (N,OUT) = inp (N,IN) W^T + b, plus scale * (inp A^T) B^T when LoRA is on;
- * lora_h (N,R) keeps inp A^T for backward. */
-static void block_linear_forward(Model *m, float *const *P, int l, int which, float *out,
-                                 const float *inp, float *lora_h, int use_lora)
+void block_linear_forward(const ModelConfig *c, float *const *P, int l, int which, int N,
+                          float *out, const float *inp, float *lora_h, int use_lora)
 {
-    const ModelConfig *c = &m->cfg;
-    int N = (int)N_ROWS(m), OUT, IN;
+    int OUT, IN;
     linear_dims(c, which, &OUT, &IN);
     linear_forward(out, inp, P[SLOT_LAYER(l, PL_WEIGHT + which)],
                    P[SLOT_LAYER(l, PL_BIAS + which)], N, IN, OUT, 0);
@@ -463,15 +458,14 @@ static void add_inplace(float *y, const float *x, size_t n)
 /* ------------------------------------------------------------------------ */
 /* One block, forward and backward */
 
-static void block_forward(Model *m, float *const *P, int l, int use_lora)
+void block_forward(const ModelConfig *c, float *const *P, int l, int use_lora,
+                   const LayerActs *acts, const BlockRun *run)
 {
-    const ModelConfig *c = &m->cfg;
-    int N = (int)N_ROWS(m), B = m->B, T = m->T;
+    LayerActs la = *acts;
+    int B = run->B, N = run->B * run->Tq;
     size_t NC = (size_t)N * c->C;
-    float *x = m->resid + (size_t)l * NC;
-    float *out = m->resid + (size_t)(l + 1) * NC;
-    LayerActs la;
-    layer_acts(m, l, &la);
+    const float *x = run->x;
+    float *out = run->out;
 
     /* attention: q, k, v projections of the (normed) input, RoPE, causal attention */
     const float *attn_in = x;
@@ -480,18 +474,31 @@ static void block_forward(Model *m, float *const *P, int l, int use_lora)
                      P[SLOT_LAYER(l, PL_ATTN_NORM_B)], N);
         attn_in = la.n1;
     }
-    block_linear_forward(m, P, l, LIN_Q, la.q, attn_in, la.lora[LIN_Q], use_lora);
-    block_linear_forward(m, P, l, LIN_K, la.k, attn_in, la.lora[LIN_K], use_lora);
-    block_linear_forward(m, P, l, LIN_V, la.v, attn_in, la.lora[LIN_V], use_lora);
+    block_linear_forward(c, P, l, LIN_Q, N, la.q, attn_in, la.lora[LIN_Q], use_lora);
+    block_linear_forward(c, P, l, LIN_K, N, la.k, attn_in, la.lora[LIN_K], use_lora);
+    block_linear_forward(c, P, l, LIN_V, N, la.v, attn_in, la.lora[LIN_V], use_lora);
     if (c->rope) {
-        rope_forward(la.q, m->rope_cos, m->rope_sin, N, c->NH, c->HS, c->rope_interleaved);
-        rope_forward(la.k, m->rope_cos, m->rope_sin, N, c->NKV, c->HS, c->rope_interleaved);
+        rope_forward(la.q, run->rope_cos, run->rope_sin, N, c->NH, c->HS, c->rope_interleaved);
+        rope_forward(la.k, run->rope_cos, run->rope_sin, N, c->NKV, c->HS, c->rope_interleaved);
     }
-    attention_forward(la.atty, la.att, la.q, la.k, la.v, m->mask, B, T, T, 0, c->NH, c->NKV,
-                      c->HS, 1.0f / sqrtf((float)c->HS));
+    const float *keys = la.k, *values = la.v;
+    if (run->k_cache != NULL) {
+        /* decoding: append this step's keys and values at rows [q_offset, q_offset+Tq) */
+        size_t row = (size_t)c->NKV * c->HS;
+        for (int b = 0; b < B; b++) {
+            size_t dst = ((size_t)b * run->Tk + run->q_offset) * row;
+            size_t src = (size_t)b * run->Tq * row;
+            memcpy(run->k_cache + dst, la.k + src, (size_t)run->Tq * row * sizeof(float));
+            memcpy(run->v_cache + dst, la.v + src, (size_t)run->Tq * row * sizeof(float));
+        }
+        keys = run->k_cache;
+        values = run->v_cache;
+    }
+    attention_forward(la.atty, la.att, la.q, keys, values, run->key_mask, B, run->Tq, run->Tk,
+                      run->q_offset, c->NH, c->NKV, c->HS, 1.0f / sqrtf((float)c->HS));
 
     /* r1 = x + o_proj(atty); post-norm blocks normalize the sum */
-    block_linear_forward(m, P, l, LIN_O, la.r1, la.atty, la.lora[LIN_O], use_lora);
+    block_linear_forward(c, P, l, LIN_O, N, la.r1, la.atty, la.lora[LIN_O], use_lora);
     add_inplace(la.r1, x, NC);
     const float *h = la.r1;
     if (!c->pre_norm) {
@@ -509,11 +516,11 @@ static void block_forward(Model *m, float *const *P, int l, int use_lora)
     }
     size_t NF = (size_t)N * c->F;
     if (c->act == ACT_SWIGLU) {
-        block_linear_forward(m, P, l, LIN_GATE, la.fc, mlp_in, la.lora[LIN_GATE], use_lora);
-        block_linear_forward(m, P, l, LIN_UP, la.up, mlp_in, la.lora[LIN_UP], use_lora);
+        block_linear_forward(c, P, l, LIN_GATE, N, la.fc, mlp_in, la.lora[LIN_GATE], use_lora);
+        block_linear_forward(c, P, l, LIN_UP, N, la.up, mlp_in, la.lora[LIN_UP], use_lora);
         swiglu_forward(la.act, la.fc, la.up, NF);
     } else {
-        block_linear_forward(m, P, l, LIN_UP, la.fc, mlp_in, la.lora[LIN_UP], use_lora);
+        block_linear_forward(c, P, l, LIN_UP, N, la.fc, mlp_in, la.lora[LIN_UP], use_lora);
         if (c->act == ACT_GELU_TANH) {
             gelu_tanh_forward(la.act, la.fc, NF);
         } else if (c->act == ACT_GELU) {
@@ -523,12 +530,28 @@ static void block_forward(Model *m, float *const *P, int l, int use_lora)
         }
     }
     float *r2 = c->pre_norm ? out : la.r2;
-    block_linear_forward(m, P, l, LIN_DOWN, r2, la.act, la.lora[LIN_DOWN], use_lora);
+    block_linear_forward(c, P, l, LIN_DOWN, N, r2, la.act, la.lora[LIN_DOWN], use_lora);
     add_inplace(r2, h, NC);
     if (!c->pre_norm) {
         norm_forward(c, out, la.out_mean, la.out_rstd, la.r2, P[SLOT_LAYER(l, PL_MLP_NORM_W)],
                      P[SLOT_LAYER(l, PL_MLP_NORM_B)], N);
     }
+}
+
+/* Runs block l of the training forward on the batch stored in m. */
+static void train_block_forward(Model *m, float *const *P, int l)
+{
+    const ModelConfig *c = &m->cfg;
+    size_t NC = N_ROWS(m) * c->C;
+    LayerActs la;
+    layer_acts(m, l, &la);
+    BlockRun run = {
+        .B = m->B, .Tq = m->T, .Tk = m->T, .q_offset = 0,
+        .x = m->resid + (size_t)l * NC, .out = m->resid + (size_t)(l + 1) * NC,
+        .rope_cos = m->rope_cos, .rope_sin = m->rope_sin, .key_mask = m->mask,
+        .k_cache = NULL, .v_cache = NULL,
+    };
+    block_forward(c, P, l, m->lora_active, &la, &run);
 }
 
 /* On entry g->dres holds d(block output); on exit d(block input). */
@@ -687,7 +710,7 @@ void model_forward(Model *m, float *const *P, const int32_t *tokens, const int32
     }
 
     for (int l = 0; l < c->L; l++) {
-        block_forward(m, P, l, m->lora_active);
+        train_block_forward(m, P, l);
     }
 
     /* final norm, optional project_out, LM head */
@@ -735,7 +758,7 @@ void model_backward(Model *m, float *const *P, float *const *G)
 
     for (int l = c->L - 1; l >= 0; l--) {
         if (c->recompute) {
-            block_forward(m, P, l, m->lora_active);
+            train_block_forward(m, P, l);
         }
         block_backward(m, P, G, &g, l);
     }

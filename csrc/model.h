@@ -135,6 +135,36 @@ void model_forward(Model *m, float *const *params, const int32_t *tokens,
  * Gradients accumulate (+=). Needs the same params as the forward. */
 void model_backward(Model *m, float *const *params, float *const *grads);
 
+/* ------------------------------------------------------------------------ */
+/* Block-level pieces shared by model.c (training) and generate.c (decoding). */
+
+/* Where one block reads its input and keys. Rows: N = B*Tq.
+ * Training: Tk = Tq = T, q_offset = 0, k_cache = v_cache = NULL, and attention
+ * reads the block's own keys. Decoding: the block appends its Tq new keys and
+ * values to k_cache/v_cache (B,Tk,NKV,HS) at rows [q_offset, q_offset+Tq) and
+ * attends over all Tk rows under key_mask (B,Tk). */
+typedef struct {
+    int B, Tq, Tk, q_offset;
+    const float *x;        /* (N,C) block input */
+    float *out;            /* (N,C) block output */
+    const float *rope_cos, *rope_sin;  /* (N,HS/2) */
+    const int32_t *key_mask;
+    float *k_cache, *v_cache;
+} BlockRun;
+
+/* Carves one block's activations for N rows (att sized B*NH*Tq*Tk) from base,
+ * or only counts when base is NULL. Returns the number of floats. */
+size_t layer_layout(const ModelConfig *c, size_t N, size_t B, size_t Tq, size_t Tk, float *base,
+                    LayerActs *la);
+void block_forward(const ModelConfig *c, float *const *P, int l, int use_lora,
+                   const LayerActs *acts, const BlockRun *run);
+/* out (N,OUT) = inp (N,IN) W^T + b, plus scale * (inp A^T) B^T when use_lora and
+ * the layer is a LoRA target; lora_h (N,R) keeps inp A^T for backward. */
+void block_linear_forward(const ModelConfig *c, float *const *P, int l, int which, int N,
+                          float *out, const float *inp, float *lora_h, int use_lora);
+void norm_forward(const ModelConfig *c, float *out, float *mean, float *rstd, const float *inp,
+                  const float *w, const float *b, int N);
+
 /* LoRA merge: w (OUT,IN) += scale * b (OUT,R) @ a (R,IN). */
 void lora_merge(float *w, const float *a, const float *b, int OUT, int IN, int R, float scale);
 

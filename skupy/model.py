@@ -280,6 +280,63 @@ class Model:
         return total
 
     # ------------------------------------------------------------------
+    # generation
+
+    def generate_ids(self, prompts, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, stop_ids=None, pad_id: Optional[int] = None,
+                     use_lora: bool = True) -> list:
+        """Generate from prompts given as lists of token ids; returns one list of new ids per prompt.
+
+        Prompts are left-padded into one batch; a row stops after a token in
+        stop_ids (kept in its output). temperature=0 is greedy decoding.
+        """
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 1 or prompts and np.isscalar(prompts[0]):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        rows = [as_token_array(p, "prompt")[0] for p in prompts]
+        if any(len(row) == 0 for row in rows):
+            raise ValueError("a prompt has no tokens; every prompt needs at least one token")
+        if pad_id is None:
+            pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        width = max(len(row) for row in rows)
+        tokens = np.full((len(rows), width), pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, width - len(row):] = row
+            mask[i, width - len(row):] = 1
+        stop = None if not stop_ids else np.asarray(list(stop_ids), np.int32)
+        new_tokens, lengths = self.engine.generate(
+            self.param_list(), tokens, mask, int(max_new_tokens), float(temperature), int(top_k),
+            float(top_p), int(seed) % (1 << 64), stop, int(pad_id), use_lora)
+        return [new_tokens[i, : lengths[i]].tolist() for i in range(len(rows))]
+
+    def generate(self, prompts, max_new_tokens: int = 64, *, chat: bool = True, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_lora: bool = True):
+        """Generate text for one prompt (returns a str) or a list of prompts (returns a list of str).
+
+        chat=True wraps each prompt as a user message in the tokenizer's chat
+        template; chat=False feeds the text as it is. Stops at the end-of-sequence
+        token (and the chat template's end-of-turn token).
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; load it with skupy.load() or pass token ids "
+                             "to generate_ids()")
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        if chat:
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                        add_generation_prompt=True) for text in texts]
+        ids = [self.tokenizer.encode(text) for text in texts]
+        stop_ids = self.tokenizer.stop_token_ids() if hasattr(self.tokenizer, "stop_token_ids") else \
+            [self.tokenizer.eos_token_id]
+        outputs = self.generate_ids(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, stop_ids=[i for i in stop_ids if i is not None],
+                                    pad_id=self.tokenizer.pad_token_id, use_lora=use_lora)
+        answers = [self.tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
+        return answers[0] if single else answers
+
+    # ------------------------------------------------------------------
     # LoRA
 
     def lora_names(self) -> list:
