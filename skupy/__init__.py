@@ -1,4 +1,21 @@
-"""skupy: Selective Knowledge negation Unlearning (SKU) for language models, on a C core."""
+"""skupy: Selective Knowledge negation Unlearning (SKU) for language models, on a C core.
+
+Typical use::
+
+    import skupy
+    model = skupy.load("smollm2-135m-instruct")
+    print(model.generate("What is the capital of France?"))
+
+    config = skupy.SKUConfig.from_preset("smollm2-135m", data_dir="../shared/data")
+    result = skupy.SKU(config).run("runs/smollm2")
+"""
+import os as _os
+
+# OpenMP loops and OpenBLAS calls alternate on the same cores; spinning OpenMP
+# workers would steal those cores from OpenBLAS between regions (measured: a
+# 3x slower forward pass on 2 cores). libgomp reads this when it loads, below.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     # Loads libscipy_openblas.so into the process, which the C extension links against.
     import scipy_openblas32  # noqa: F401
@@ -6,3 +23,37 @@ except ImportError:  # a build against a system OpenBLAS needs no preload
     pass
 
 __version__ = "0.1.0"
+
+from ._core import get_num_threads, set_num_threads  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .model import Model  # noqa: E402
+from .optim import AdamW, LinearSchedule, clip_grad_norm  # noqa: E402
+from .task_vector import TaskVector  # noqa: E402
+
+
+def load(name_or_path, *, tokenizer=None, recompute: bool = False) -> Model:
+    """Load a model by name ("smollm2-135m-instruct"), .gguf file or HF folder, with its tokenizer.
+
+    The returned Model carries the tokenizer as model.tokenizer.
+    """
+    from .checkpoint import load_checkpoint
+
+    config, params, model_tokenizer = load_checkpoint(name_or_path, tokenizer=tokenizer)
+    return Model(config, params, tokenizer=model_tokenizer, recompute=recompute)
+
+
+def __getattr__(name):
+    # SKU pulls in the data and tokenizer modules; import them on first use.
+    if name == "SKU":
+        from .sku import SKU
+
+        return SKU
+    if name == "SKUConfig":
+        from .sku_config import SKUConfig
+
+        return SKUConfig
+    raise AttributeError(f"module 'skupy' has no attribute {name!r}")
+
+
+__all__ = ["AdamW", "LinearSchedule", "Model", "ModelConfig", "SKU", "SKUConfig", "TaskVector",
+           "clip_grad_norm", "get_num_threads", "load", "set_num_threads"]

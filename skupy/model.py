@@ -352,6 +352,15 @@ class Model:
                                  self.config.lora_scale)
         return merged
 
+    def save(self, folder) -> None:
+        """Write an HF folder (config.json, model.safetensors, tokenizer files), LoRA merged in, atomically."""
+        from .hf_io import save_hf
+
+        if self.config.lora_rank > 0:
+            save_hf(folder, self.base_config(), self.merged_params(), self.tokenizer)
+        else:
+            save_hf(folder, self.config, self.params, self.tokenizer)
+
     def base_config(self) -> ModelConfig:
         """The config without LoRA adapters (what merged_params() fits)."""
         return self.config.replace(lora_rank=0)
