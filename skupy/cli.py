@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
-import os
 import sys
 from pathlib import Path
+
+# Modules with a register_commands(subparsers, add_runtime_options) function; each
+# subcommand it adds sets handler=callable(args) -> exit code with set_defaults.
+EXTRA_COMMAND_MODULES = ()
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-chat", action="store_true",
                           help="feed the prompt as raw text instead of a chat-template user message")
     _add_runtime_options(generate)
+    generate.set_defaults(handler=run_generate)
 
     unlearn = commands.add_parser(
         "unlearn", help="run SKU: harmful knowledge acquisition, then knowledge negation",
@@ -50,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="recompute activations in backward to save memory (about 30%% slower)")
     unlearn.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     _add_runtime_options(unlearn)
+    unlearn.set_defaults(handler=run_unlearn)
+
+    # Commands that live in other modules register themselves here.
+    for module_name in EXTRA_COMMAND_MODULES:
+        module = importlib.import_module(module_name, __package__)
+        module.register_commands(commands, _add_runtime_options)
     return parser
 
 
@@ -125,9 +135,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure(args)
-    handlers = {"generate": run_generate, "unlearn": run_unlearn}
     try:
-        return handlers[args.command](args)
+        return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"skupy {args.command}: error: {error}", file=sys.stderr)
         return 2
