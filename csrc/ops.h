@@ -139,7 +139,7 @@ void kl_backward(float *dlogits, const float *logits, const float *ref_logits,
 /* AdamW step as torch.optim.AdamW computes it (decoupled weight decay,
  * bias correction), on n elements; step is the 1-based step count. */
 void adamw_update(float *param, const float *grad, float *m, float *v, size_t n,
-                  float lr, float beta1, float beta2, float eps, float weight_decay,
+                  double lr, double beta1, double beta2, double eps, double weight_decay,
                   int step);
 
 /* Sum of squares in double with a fixed summation order. */
