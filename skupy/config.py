@@ -19,7 +19,7 @@ class ModelConfig:
     One config covers LLaMA (RMSNorm, RoPE, SwiGLU, GQA), GPT-2 (LayerNorm,
     learned positions, GELU-tanh, tied head) and OPT (LayerNorm, learned
     positions offset by 2, ReLU, pre- or post-norm, optional projections).
-    Parameter names and shapes follow from it; see skupy.model.param_specs.
+    Parameter names and shapes follow from it; see skupy.layout.param_specs.
     """
 
     arch: str = "llama"
