@@ -29,7 +29,7 @@ typedef struct {
     PyObject_HEAD
     Model model;
     int ready;       /* model_init succeeded */
-    int busy;        /* a call is running with the GIL released */
+    int busy;        /* a method call is in progress; see engine_claim */
     int state;       /* STATE_* */
     int num_specs;
     ParamSpec *specs;
@@ -201,18 +201,30 @@ static void engine_dealloc(EngineObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Common entry check: initialized and not in use by another thread. */
+/* Common entry check: initialized. Every method that reads or writes the
+ * model's buffers is also wrapped by CLAIMED_* below, which holds the engine. */
 static int engine_enter(EngineObject *self)
 {
     if (!self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is not initialized; call Engine(config)");
         return -1;
     }
+    return 0;
+}
+
+/* Marks the engine busy for a whole method call, or raises RuntimeError when
+ * another call is in progress. The flag is tested and set under the GIL with
+ * no Python code in between, and it stays set while the method runs Python
+ * code (argument conversion, iteration over the params list) or releases the
+ * GIL, so a second thread can never enter between the check and the work. */
+static int engine_claim(EngineObject *self)
+{
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError,
                         "Engine is in use by another thread; create one model per thread");
         return -1;
     }
+    self->busy = 1;
     return 0;
 }
 
@@ -241,8 +253,21 @@ static PyObject *engine_param_specs(EngineObject *self, PyObject *noargs)
 /* Fills slots (num_slots pointers) from a list of arrays in spec order.
  * optional: None entries are allowed and leave the slot NULL (gradients).
  * keep receives a new reference to a tuple that keeps the arrays alive. */
+/* Whether slot holds the weight of a block linear layer, the only kind that
+ * may be stored in bfloat16. */
+static int is_block_linear_weight(int slot)
+{
+    if (slot < NUM_GLOBAL_SLOTS) {
+        return 0;
+    }
+    int within = (slot - NUM_GLOBAL_SLOTS) % NUM_LAYER_SLOTS;
+    return within >= PL_WEIGHT && within < PL_WEIGHT + NUM_LINEAR;
+}
+
+/* bf16: NULL for gradients (float32 only); for parameters, receives per slot
+ * whether a block linear weight came as a uint16 (bfloat16) array. */
 static int collect_arrays(EngineObject *self, PyObject *list, const char *what, int optional,
-                          int writable, float **slots, PyObject **keep)
+                          int writable, float **slots, uint8_t *bf16, PyObject **keep)
 {
     *keep = NULL;
     PyObject *tuple = PySequence_Tuple(list);
@@ -257,6 +282,9 @@ static int collect_arrays(EngineObject *self, PyObject *list, const char *what, 
         return -1;
     }
     memset(slots, 0, (size_t)self->model.num_slots * sizeof(float *));
+    if (bf16 != NULL) {
+        memset(bf16, 0, (size_t)self->model.num_slots);
+    }
     for (int i = 0; i < self->num_specs; i++) {
         ParamSpec *s = &self->specs[i];
         PyObject *item = PyTuple_GET_ITEM(tuple, i);
@@ -266,12 +294,18 @@ static int collect_arrays(EngineObject *self, PyObject *list, const char *what, 
         char name[96];
         snprintf(name, sizeof name, "%s[%s]", what, s->name);
         npy_intp shape[2] = {s->shape[0], s->shape[1]};
-        PyArrayObject *arr = check_array(item, name, NPY_FLOAT32, s->ndim, shape, writable);
+        int typenum = NPY_FLOAT32;
+        if (bf16 != NULL && is_block_linear_weight(s->slot) && PyArray_Check(item) &&
+            PyArray_TYPE((PyArrayObject *)item) == NPY_UINT16) {
+            typenum = NPY_UINT16; /* bfloat16 bits of a frozen weight */
+            bf16[s->slot] = 1;
+        }
+        PyArrayObject *arr = check_array(item, name, typenum, s->ndim, shape, writable);
         if (arr == NULL) {
             Py_DECREF(tuple);
             return -1;
         }
-        slots[s->slot] = F32(arr);
+        slots[s->slot] = (float *)PyArray_DATA(arr);
     }
     *keep = tuple;
     return 0;
@@ -343,11 +377,11 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
         return PyErr_NoMemory();
     }
     PyObject *keep;
-    if (collect_arrays(self, params, "params", 0, 0, slots, &keep) < 0) {
+    if (collect_arrays(self, params, "params", 0, 0, slots, m->slot_bf16, &keep) < 0) {
         PyMem_Free(slots);
         return NULL;
     }
-    if (model_reserve(m, (int)B, (int)T) < 0) {
+    if (model_reserve(m, (int)B, (int)T) < 0 || model_prepare_bf16(m) < 0) {
         PyMem_Free(slots);
         Py_DECREF(keep);
         PyErr_Format(PyExc_MemoryError,
@@ -357,11 +391,9 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
         return NULL;
     }
 
-    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     model_forward(m, slots, I32(tokens), I32(positions), I32(mask), (int)B, (int)T, use_lora);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
     self->state = STATE_LOGITS;
 
     PyMem_Free(slots);
@@ -479,14 +511,12 @@ static PyObject *engine_cross_entropy(EngineObject *self, PyObject *args, PyObje
         return NULL;
     }
     double total;
-    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     total = crossentropy_forward(F32(losses), m->logits, I32(targets), F32(weights), N, V);
     if (want_grad) {
         crossentropy_backward(m->logits, m->logits, I32(targets), F32(weights), scale, N, V);
     }
     Py_END_ALLOW_THREADS
-    self->busy = 0;
     if (want_grad) {
         self->state = STATE_DLOGITS;
     }
@@ -520,14 +550,12 @@ static PyObject *engine_kl_div(EngineObject *self, PyObject *args, PyObject *kwd
         return NULL;
     }
     double total;
-    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     total = kl_forward(F32(losses), m->logits, F32(ref), F32(weights), N, V, reverse);
     if (want_grad) {
         kl_backward(m->logits, m->logits, F32(ref), F32(weights), scale, N, V, reverse);
     }
     Py_END_ALLOW_THREADS
-    self->busy = 0;
     if (want_grad) {
         self->state = STATE_DLOGITS;
     }
@@ -555,16 +583,25 @@ static PyObject *engine_backward(EngineObject *self, PyObject *args, PyObject *k
     }
     float **gslots = slots + m->num_slots;
     PyObject *keep_p, *keep_g;
-    if (collect_arrays(self, params, "params", 0, 0, slots, &keep_p) < 0) {
+    if (collect_arrays(self, params, "params", 0, 0, slots, m->slot_bf16, &keep_p) < 0) {
         PyMem_Free(slots);
         return NULL;
     }
-    if (collect_arrays(self, grads, "grads", 1, 1, gslots, &keep_g) < 0) {
+    if (collect_arrays(self, grads, "grads", 1, 1, gslots, NULL, &keep_g) < 0) {
         Py_DECREF(keep_p);
         PyMem_Free(slots);
         return NULL;
     }
     for (int i = 0; i < m->num_slots; i++) {
+        if (gslots[i] != NULL && m->slot_bf16[i]) {
+            PyErr_SetString(PyExc_ValueError,
+                            "a bfloat16 (uint16) weight has a gradient array; bfloat16 storage is "
+                            "for frozen weights only, so pass None as its gradient");
+            Py_DECREF(keep_p);
+            Py_DECREF(keep_g);
+            PyMem_Free(slots);
+            return NULL;
+        }
         if (gslots[i] != NULL && gslots[i] == slots[i]) {
             PyErr_SetString(PyExc_ValueError, "a gradient array is the same as its parameter");
             Py_DECREF(keep_p);
@@ -574,11 +611,16 @@ static PyObject *engine_backward(EngineObject *self, PyObject *args, PyObject *k
         }
     }
 
-    self->busy = 1;
+    if (model_prepare_bf16(m) < 0) {
+        Py_DECREF(keep_p);
+        Py_DECREF(keep_g);
+        PyMem_Free(slots);
+        return PyErr_NoMemory();
+    }
+
     Py_BEGIN_ALLOW_THREADS
     model_backward(m, slots, gslots);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
     self->state = STATE_EMPTY;
 
     Py_DECREF(keep_p);
@@ -667,9 +709,14 @@ static PyObject *engine_generate(EngineObject *self, PyObject *args, PyObject *k
         return PyErr_NoMemory();
     }
     PyObject *keep;
-    if (collect_arrays(self, params, "params", 0, 0, slots, &keep) < 0) {
+    if (collect_arrays(self, params, "params", 0, 0, slots, m->slot_bf16, &keep) < 0) {
         PyMem_Free(slots);
         return NULL;
+    }
+    if (model_prepare_bf16(m) < 0) {
+        Py_DECREF(keep);
+        PyMem_Free(slots);
+        return PyErr_NoMemory();
     }
     npy_intp out_dims[2] = {B, max_new};
     PyArrayObject *out = (PyArrayObject *)PyArray_ZEROS(2, out_dims, NPY_INT32, 0);
@@ -688,12 +735,10 @@ static PyObject *engine_generate(EngineObject *self, PyObject *args, PyObject *k
         .use_lora = use_lora && c->lora_rank > 0,
     };
     int rc;
-    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     rc = model_generate(m, slots, I32(tokens), I32(mask), (int)B, (int)Tp, max_new, &opt,
                         I32(out), I32(lengths));
     Py_END_ALLOW_THREADS
-    self->busy = 0;
     Py_DECREF(keep);
     PyMem_Free(slots);
     if (rc < 0) {
@@ -753,33 +798,63 @@ PyMethodDef skupy_engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* Method wrappers that hold the engine for the whole call (see engine_claim). */
+#define CLAIMED_NOKEYWORDS(NAME)                                        \
+    static PyObject *NAME##_claimed(EngineObject *self, PyObject *args) \
+    {                                                                   \
+        if (engine_claim(self) < 0) {                                   \
+            return NULL;                                                \
+        }                                                               \
+        PyObject *result = NAME(self, args);                            \
+        self->busy = 0;                                                 \
+        return result;                                                  \
+    }
+#define CLAIMED_KEYWORDS(NAME)                                                          \
+    static PyObject *NAME##_claimed(EngineObject *self, PyObject *args, PyObject *kwds) \
+    {                                                                                   \
+        if (engine_claim(self) < 0) {                                                   \
+            return NULL;                                                                \
+        }                                                                               \
+        PyObject *result = NAME(self, args, kwds);                                      \
+        self->busy = 0;                                                                 \
+        return result;                                                                  \
+    }
+CLAIMED_NOKEYWORDS(engine_set_inv_freq)
+CLAIMED_NOKEYWORDS(engine_logits)
+CLAIMED_NOKEYWORDS(engine_hidden)
+CLAIMED_KEYWORDS(engine_forward)
+CLAIMED_KEYWORDS(engine_cross_entropy)
+CLAIMED_KEYWORDS(engine_kl_div)
+CLAIMED_KEYWORDS(engine_generate)
+CLAIMED_KEYWORDS(engine_backward)
+
 static PyMethodDef engine_methods[] = {
     {"param_specs", (PyCFunction)engine_param_specs, METH_NOARGS,
      "param_specs() -> list of (name, shape) in the order forward/backward take arrays."},
-    {"set_inv_freq", (PyCFunction)engine_set_inv_freq, METH_VARARGS,
+    {"set_inv_freq", (PyCFunction)engine_set_inv_freq_claimed, METH_VARARGS,
      "set_inv_freq(inv_freq)\n\nSet the RoPE inverse frequencies, float32 (head_dim/2,)."},
-    {"forward", (PyCFunction)(void (*)(void))engine_forward, METH_VARARGS | METH_KEYWORDS,
+    {"forward", (PyCFunction)(void (*)(void))engine_forward_claimed, METH_VARARGS | METH_KEYWORDS,
      "forward(params, tokens, positions, mask, use_lora=True)\n\n"
      "Run the model on tokens (B,T) int32 with positions (B,T) int32 and key mask (B,T) int32\n"
      "(1 = real token). Keeps logits (B,T,V) and activations for backward."},
-    {"logits", (PyCFunction)engine_logits, METH_NOARGS,
+    {"logits", (PyCFunction)engine_logits_claimed, METH_NOARGS,
      "logits() -> (B,T,V) float32 copy of the last forward's logits."},
-    {"hidden", (PyCFunction)engine_hidden, METH_NOARGS,
+    {"hidden", (PyCFunction)engine_hidden_claimed, METH_NOARGS,
      "hidden() -> (B,T,E) float32 copy of the LM head's input from the last forward."},
-    {"cross_entropy", (PyCFunction)(void (*)(void))engine_cross_entropy,
+    {"cross_entropy", (PyCFunction)(void (*)(void))engine_cross_entropy_claimed,
      METH_VARARGS | METH_KEYWORDS,
      "cross_entropy(targets, weights, grad_scale=None) -> (weighted_sum, losses)\n\n"
      "Token cross-entropy of the last logits; targets (B,T) int32, weights (B,T) float32.\n"
      "With grad_scale, writes grad_scale * d(weighted_sum)/dlogits over the logits."},
-    {"kl_div", (PyCFunction)(void (*)(void))engine_kl_div, METH_VARARGS | METH_KEYWORDS,
+    {"kl_div", (PyCFunction)(void (*)(void))engine_kl_div_claimed, METH_VARARGS | METH_KEYWORDS,
      "kl_div(ref_logits, weights, reverse=False, grad_scale=None) -> (weighted_sum, losses)\n\n"
      "KL(p_ref || p) per position (reverse: KL(p || p_ref)), p from the last logits."},
-    {"generate", (PyCFunction)(void (*)(void))engine_generate, METH_VARARGS | METH_KEYWORDS,
+    {"generate", (PyCFunction)(void (*)(void))engine_generate_claimed, METH_VARARGS | METH_KEYWORDS,
      "generate(params, tokens, mask, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,\n"
      "         seed=0, stop_ids=None, pad_id=0, use_lora=True) -> (new_tokens, lengths)\n\n"
      "Decode with a key/value cache from left-padded prompts tokens (B,Tp) int32 and mask\n"
      "(B,Tp) int32; returns new_tokens (B,max_new_tokens) and lengths (B,) int32."},
-    {"backward", (PyCFunction)(void (*)(void))engine_backward, METH_VARARGS | METH_KEYWORDS,
+    {"backward", (PyCFunction)(void (*)(void))engine_backward_claimed, METH_VARARGS | METH_KEYWORDS,
      "backward(params, grads)\n\nAccumulate parameter gradients into grads (None = frozen)."},
     {NULL, NULL, 0, NULL},
 };

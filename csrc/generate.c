@@ -51,8 +51,10 @@ static int32_t argmax(const float *x, int V)
     return best;
 }
 
-/* Sorts candidate ids by probability, largest first (ties by id). */
-static const float *sort_probs;
+/* Sorts candidate ids by probability, largest first (ties by id). qsort passes
+ * the comparator no context, so the probabilities go through this variable. It
+ * is thread-local because two Engines may sample in two threads at once. */
+static _Thread_local const float *sort_probs;
 static int compare_by_prob(const void *a, const void *b)
 {
     float pa = sort_probs[*(const int32_t *)a], pb = sort_probs[*(const int32_t *)b];
@@ -63,7 +65,7 @@ static int compare_by_prob(const void *a, const void *b)
 }
 
 /* Draws one token id from logits (V) under the options. probs (V) and ids (V)
- * are scratch. Not thread-safe (qsort comparator state); called serially. */
+ * are scratch. */
 static int32_t sample_token(const float *logits, int V, const GenerateOptions *o,
                             uint64_t *rng, float *probs, int32_t *ids)
 {
@@ -136,7 +138,7 @@ typedef struct {
 /* Runs tokens (B,Tq) at positions (B,Tq) through the model, appending to the
  * cache at rows [q_offset, q_offset+Tq), and leaves the logits of each row's
  * last position in s->logits. */
-static void decode_step(const Model *m, float *const *P, DecodeState *s, const int32_t *tokens,
+static void decode_step(Model *m, float *const *P, DecodeState *s, const int32_t *tokens,
                         const int32_t *positions, int Tq, int q_offset, int use_lora)
 {
     const ModelConfig *c = &m->cfg;
@@ -179,7 +181,7 @@ static void decode_step(const Model *m, float *const *P, DecodeState *s, const i
             .k_cache = s->kv + (size_t)l * 2 * cache_floats,
             .v_cache = s->kv + ((size_t)l * 2 + 1) * cache_floats,
         };
-        block_forward(c, P, l, use_lora, &la, &run);
+        block_forward(c, block_params(m, P, l), l, use_lora, &la, &run);
         float *swap = s->x;
         s->x = s->y;
         s->y = swap;
@@ -215,7 +217,7 @@ static int is_stop(int32_t token, const GenerateOptions *o)
     return 0;
 }
 
-int model_generate(const Model *m, float *const *P, const int32_t *prompt,
+int model_generate(Model *m, float *const *P, const int32_t *prompt,
                    const int32_t *prompt_mask, int B, int Tp, int max_new,
                    const GenerateOptions *opt, int32_t *out_tokens, int32_t *out_lengths)
 {

@@ -24,9 +24,9 @@ typedef struct {
  * real tokens. Tp + max_new must not exceed m->cfg.max_positions.
  * out_tokens (B,max_new) receives the new tokens (stop token included, then
  * pad_id); out_lengths (B) the count before padding.
- * Uses only m->cfg and m->inv_freq, not the training buffers, and allocates
- * its cache itself. Returns 0, or -1 when that allocation fails. */
-int model_generate(const Model *m, float *const *P, const int32_t *prompt,
+ * Uses m->cfg, m->inv_freq and the bfloat16 expansion buffer, not the training
+ * activations, and allocates its cache itself. Returns 0, or -1 when that allocation fails. */
+int model_generate(Model *m, float *const *P, const int32_t *prompt,
                    const int32_t *prompt_mask, int B, int Tp, int max_new,
                    const GenerateOptions *opt, int32_t *out_tokens, int32_t *out_lengths);
 

@@ -20,6 +20,7 @@
  */
 #include "model.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -179,8 +180,25 @@ int model_init(Model *m, const ModelConfig *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "lora_rank and position_offset must be >= 0 and norm_eps > 0");
         return -1;
     }
+    /* Slot numbers, linear widths and the position table size are computed in int. */
+    if ((long long)c->L * NUM_LAYER_SLOTS + NUM_GLOBAL_SLOTS > INT_MAX ||
+        (long long)c->NH * c->HS > INT_MAX ||
+        (long long)c->max_positions + c->position_offset > INT_MAX) {
+        snprintf(err, errlen, "sizes too large: num_layers * %d, num_heads * head_dim and "
+                              "max_position_embeddings + position_offset must each fit in an int",
+                 NUM_LAYER_SLOTS);
+        return -1;
+    }
     m->cfg = *cfg;
     m->num_slots = model_max_slots(cfg);
+    m->slot_bf16 = calloc((size_t)m->num_slots, 1);
+    m->block_slots = calloc((size_t)m->num_slots, sizeof(float *));
+    if (m->slot_bf16 == NULL || m->block_slots == NULL) {
+        free(m->slot_bf16);
+        free(m->block_slots);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     if (c->rope) {
         m->inv_freq = calloc((size_t)c->HS / 2, sizeof(float));
         if (m->inv_freq == NULL) {
@@ -197,6 +215,9 @@ int model_init(Model *m, const ModelConfig *cfg, char *err, size_t errlen)
 
 void model_free(Model *m)
 {
+    free(m->slot_bf16);
+    free(m->block_slots);
+    free(m->block_weights);
     free(m->acts);
     free(m->grads);
     free(m->tokens);
@@ -538,6 +559,78 @@ void block_forward(const ModelConfig *c, float *const *P, int l, int use_lora,
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* bfloat16 frozen weights */
+
+size_t block_weights_floats(const ModelConfig *c)
+{
+    size_t total = 0;
+    for (int which = 0; which < NUM_LINEAR; which++) {
+        if (linear_used(c, which)) {
+            int out, in;
+            linear_dims(c, which, &out, &in);
+            total += (size_t)out * in;
+        }
+    }
+    return total;
+}
+
+/* bfloat16 is the top half of a float32, so widening is a 16-bit shift. */
+static void bf16_to_f32(float *dst, const uint16_t *src, size_t n)
+{
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)src[i] << 16;
+        memcpy(&dst[i], &bits, sizeof bits);
+    }
+}
+
+int model_prepare_bf16(Model *m)
+{
+    int any = 0;
+    for (int i = 0; i < m->num_slots; i++) {
+        any |= m->slot_bf16[i];
+    }
+    size_t need = block_weights_floats(&m->cfg);
+    if (!any || need <= m->block_weights_capacity) {
+        return 0;
+    }
+    float *buffer = malloc(need * sizeof(float));
+    if (buffer == NULL) {
+        return -1;
+    }
+    free(m->block_weights);
+    m->block_weights = buffer;
+    m->block_weights_capacity = need;
+    return 0;
+}
+
+float *const *block_params(Model *m, float *const *P, int l)
+{
+    const ModelConfig *c = &m->cfg;
+    int any = 0;
+    for (int which = 0; which < NUM_LINEAR; which++) {
+        any |= m->slot_bf16[SLOT_LAYER(l, PL_WEIGHT + which)];
+    }
+    if (!any) {
+        return P;
+    }
+    memcpy(m->block_slots, P, (size_t)m->num_slots * sizeof(float *));
+    float *next = m->block_weights;
+    for (int which = 0; which < NUM_LINEAR; which++) {
+        int slot = SLOT_LAYER(l, PL_WEIGHT + which);
+        if (!linear_used(c, which) || !m->slot_bf16[slot]) {
+            continue;
+        }
+        int out, in;
+        linear_dims(c, which, &out, &in);
+        bf16_to_f32(next, (const uint16_t *)P[slot], (size_t)out * in);
+        m->block_slots[slot] = next;
+        next += (size_t)out * in;
+    }
+    return m->block_slots;
+}
+
 /* Runs block l of the training forward on the batch stored in m. */
 static void train_block_forward(Model *m, float *const *P, int l)
 {
@@ -551,7 +644,7 @@ static void train_block_forward(Model *m, float *const *P, int l)
         .rope_cos = m->rope_cos, .rope_sin = m->rope_sin, .key_mask = m->mask,
         .k_cache = NULL, .v_cache = NULL,
     };
-    block_forward(c, P, l, m->lora_active, &la, &run);
+    block_forward(c, block_params(m, P, l), l, m->lora_active, &la, &run);
 }
 
 /* On entry g->dres holds d(block output); on exit d(block input). */
@@ -760,7 +853,7 @@ void model_backward(Model *m, float *const *P, float *const *G)
         if (c->recompute) {
             train_block_forward(m, P, l);
         }
-        block_backward(m, P, G, &g, l);
+        block_backward(m, block_params(m, P, l), G, &g, l);
     }
 
     /* learned positions and token embeddings (through project_in) */

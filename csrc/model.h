@@ -103,6 +103,13 @@ typedef struct {
     float *layer_store;/* per-layer activations, L blocks or one when recomputing */
     size_t layer_floats;
     int lora_active;   /* whether the last forward applied LoRA */
+    /* bfloat16 storage of frozen block weights: slot_bf16[slot] != 0 marks a slot
+     * whose pointer holds uint16 bfloat16 values (set by the caller per call).
+     * block_params() expands one block's such weights into block_weights. */
+    uint8_t *slot_bf16;        /* (num_slots) */
+    float **block_slots;       /* (num_slots) pointer copy handed to one block */
+    float *block_weights;      /* float32 copies of one block's bfloat16 weights */
+    size_t block_weights_capacity;
 } Model;
 
 /* Returns 0, or -1 with a message in err (size errlen) when cfg is invalid. */
@@ -164,6 +171,20 @@ void block_linear_forward(const ModelConfig *c, float *const *P, int l, int whic
                           float *out, const float *inp, float *lora_h, int use_lora);
 void norm_forward(const ModelConfig *c, float *out, float *mean, float *rstd, const float *inp,
                   const float *w, const float *b, int N);
+
+/* Allocates m->block_weights when any slot is marked bfloat16 in
+ * m->slot_bf16. Call after setting the flags and before a pass. Returns 0, or
+ * -1 when the allocation fails. */
+int model_prepare_bf16(Model *m);
+
+/* Returns the parameter pointers for block l: P itself when no weight of block
+ * l is stored in bfloat16, else m->block_slots with those weights expanded to
+ * float32 in m->block_weights (model_prepare_bf16 must have succeeded).
+ * Only block linear weights may be bfloat16. */
+float *const *block_params(Model *m, float *const *P, int l);
+
+/* Floats of scratch that one block's linear weights need in float32. */
+size_t block_weights_floats(const ModelConfig *c);
 
 /* LoRA merge: w (OUT,IN) += scale * b (OUT,R) @ a (R,IN). */
 void lora_merge(float *w, const float *a, const float *b, int OUT, int IN, int R, float scale);

@@ -80,10 +80,12 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: linear, llama3")
 
 
-def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02, frozen_bfloat16: bool = False) -> dict:
     """Create random parameters: N(0, std) weights, unit norm weights, zero biases.
 
     LoRA A gets N(0, 1/r) and LoRA B zeros, so a fresh adapter changes nothing.
+    frozen_bfloat16=True stores block linear weights as bfloat16 (uint16 arrays),
+    one tensor at a time, so a large model never exists in float32.
     """
     rng = np.random.default_rng(seed)
     params = {}
@@ -91,12 +93,30 @@ def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02) -> dict:
         if name.endswith(".lora_B") or name.endswith(".bias"):
             params[name] = np.zeros(shape, np.float32)
         elif name.endswith(".lora_A"):
-            params[name] = (rng.standard_normal(shape) / math.sqrt(config.lora_rank)).astype(np.float32)
+            params[name] = (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(config.lora_rank))
         elif "norm" in name:
             params[name] = np.ones(shape, np.float32)
         else:
-            params[name] = (rng.standard_normal(shape) * std).astype(np.float32)
+            weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+            params[name] = to_bfloat16(weight) if frozen_bfloat16 and is_block_linear_weight(name) else weight
     return params
+
+
+def is_block_linear_weight(name: str) -> bool:
+    """Whether name is the weight of a block linear layer, the kind that may be stored in bfloat16."""
+    return name.startswith("layers.") and name.endswith("_proj.weight")
+
+
+def to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest, ties to even) and return the bits as uint16."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bits (uint16) to float32."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def as_token_array(tokens, name: str = "tokens") -> np.ndarray:
@@ -135,6 +155,8 @@ class Model:
 
     def __init__(self, config: ModelConfig, params: Optional[dict] = None, *, recompute: bool = False,
                  trainable="auto", seed: int = 0, tokenizer=None):
+        # Block linear weights may be given as uint16 bfloat16 arrays (see to_bfloat16): the engine
+        # widens one block at a time, so frozen weights take half the memory. They cannot be trained.
         self.config = config
         self.recompute = recompute
         self.tokenizer = tokenizer
@@ -169,7 +191,13 @@ class Model:
             array = np.asarray(params[name])
             if array.shape != shape:
                 raise ValueError(f"parameter {name} has shape {array.shape}, expected {shape}")
-            checked[name] = np.ascontiguousarray(array, dtype=np.float32)
+            if array.dtype == np.uint16:
+                if not is_block_linear_weight(name):
+                    raise ValueError(f"parameter {name} is uint16 (bfloat16); only block linear weights "
+                                     "(layers.*_proj.weight) may be stored in bfloat16")
+                checked[name] = np.ascontiguousarray(array)
+            else:
+                checked[name] = np.ascontiguousarray(array, dtype=np.float32)
         return checked
 
     # ------------------------------------------------------------------
@@ -191,6 +219,10 @@ class Model:
             unknown = sorted(set(selected) - set(names))
             if unknown:
                 raise ValueError(f"unknown trainable parameter names: {', '.join(unknown[:5])}")
+        frozen_only = [n for n in selected if self.params[n].dtype == np.uint16]
+        if frozen_only:
+            raise ValueError(f"{frozen_only[0]} is stored in bfloat16, which is for frozen weights only; "
+                             "train LoRA adapters (trainable='lora') or load the weights in float32")
         self.trainable = [n for n in names if n in set(selected)]
         self.grads = {name: np.zeros(self.params[name].shape, np.float32) for name in self.trainable}
 
@@ -344,6 +376,8 @@ class Model:
 
     def merged_params(self) -> dict:
         """Return base parameters with every LoRA delta B·A·(alpha/r) merged in (new arrays)."""
+        if any(array.dtype == np.uint16 for array in self.params.values()):
+            raise ValueError("cannot merge LoRA into bfloat16 weights; load the base model in float32 to merge")
         merged = {name: array.copy() for name, array in self.params.items() if not is_lora_name(name)}
         for name in self.lora_names():
             if name.endswith(".lora_A"):
