@@ -65,9 +65,12 @@ def test_greedy_generation_is_token_identical(models, prompts):
     all_ids = [chat_ids(ours, text) for text in prompts]
     generated = ours.generate_ids(all_ids, 24)
     for ids, tokens in zip(all_ids, generated):
+        # The chat template contains <|im_end|>, which is also the pad id: without an explicit
+        # attention mask transformers would treat those prompt tokens as padding.
         with torch.no_grad():
-            output = theirs.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                                     eos_token_id=None, pad_token_id=ours.tokenizer.pad_token_id)
+            output = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                     pad_token_id=ours.tokenizer.pad_token_id)
         assert tokens == output[0, len(ids):].tolist()
 
 
