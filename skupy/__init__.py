@@ -15,6 +15,10 @@ import os as _os
 # workers would steal those cores from OpenBLAS between regions (measured: a
 # 3x slower forward pass on 2 cores). libgomp reads this when it loads, below.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Likewise OpenBLAS workers spin for 2^28 cycles after each call by default; 2^4
+# lets them sleep at once, leaving the cores to the OpenMP loop that follows.
+# OpenBLAS reads it when scipy_openblas32 loads the library, below.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 try:
     # Loads libscipy_openblas.so into the process, which the C extension links against.
