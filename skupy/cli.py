@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Modules with a register_commands(subparsers, add_runtime_options) function; each
 # subcommand it adds sets handler=callable(args) -> exit code with set_defaults.
-EXTRA_COMMAND_MODULES = ()
+EXTRA_COMMAND_MODULES = (".eval_cli",)
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     _configure(args)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as error:
         print(f"skupy {args.command}: error: {error}", file=sys.stderr)
         return 2
 
