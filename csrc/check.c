@@ -51,6 +51,13 @@ PyArrayObject *check_array(PyObject *obj, const char *name, int typenum, int ndi
                      dtype_name(typenum));
         return NULL;
     }
+    /* A byte-swapped array has the same type number, but the C code would read garbage. */
+    if (!PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s has a non-native byte order; convert it with .astype(numpy.%s)", name,
+                     dtype_name(typenum));
+        return NULL;
+    }
 
     char expected[160], got[160];
     if (PyArray_NDIM(arr) != ndim) {

@@ -28,8 +28,9 @@
 #define ANY_DIM (-1)
 
 /* Validates that obj is a NumPy array of dtype typenum (NPY_FLOAT32 or
- * NPY_INT32), with ndim dimensions matching shape (ANY_DIM entries match any
- * size), C-contiguous, aligned, and writable when writable != 0.
+ * NPY_INT32) in native byte order, with ndim dimensions matching shape
+ * (ANY_DIM entries match any size), C-contiguous, aligned, and writable when
+ * writable != 0.
  * Returns a borrowed PyArrayObject* or NULL with an exception set.
  * name is the argument name used in the message. */
 PyArrayObject *check_array(PyObject *obj, const char *name, int typenum, int ndim,

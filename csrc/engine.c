@@ -202,7 +202,7 @@ static void engine_dealloc(EngineObject *self)
 }
 
 /* Common entry check: initialized. Every method that reads or writes the
- * model's buffers is also wrapped by CLAIMED_* below, which holds the engine. */
+ * model's buffers is also wrapped by CLAIMED_* below, which claims the engine. */
 static int engine_enter(EngineObject *self)
 {
     if (!self->ready) {
@@ -214,9 +214,9 @@ static int engine_enter(EngineObject *self)
 
 /* Marks the engine busy for a whole method call, or raises RuntimeError when
  * another call is in progress. The flag is tested and set under the GIL with
- * no Python code in between, and it stays set while the method runs Python
- * code (argument conversion, iteration over the params list) or releases the
- * GIL, so a second thread can never enter between the check and the work. */
+ * no Python code in between. It stays set while the method runs Python code
+ * (argument conversion, iteration over the params list) or releases the GIL,
+ * so no second thread can enter between the check and the work. */
 static int engine_claim(EngineObject *self)
 {
     if (self->busy) {
@@ -756,6 +756,14 @@ static PyObject *engine_generate(EngineObject *self, PyObject *args, PyObject *k
 /* ------------------------------------------------------------------------ */
 /* Module-level helpers that belong with the model */
 
+/* Whether the data of two C-contiguous arrays share any byte. */
+static int bytes_overlap(PyArrayObject *a, PyArrayObject *b)
+{
+    uintptr_t a0 = (uintptr_t)PyArray_BYTES(a), a1 = a0 + (uintptr_t)PyArray_NBYTES(a);
+    uintptr_t b0 = (uintptr_t)PyArray_BYTES(b), b1 = b0 + (uintptr_t)PyArray_NBYTES(b);
+    return a0 < b1 && b0 < a1;
+}
+
 static PyObject *py_lora_merge(PyObject *self, PyObject *args)
 {
     PyObject *w_obj, *a_obj, *b_obj;
@@ -783,6 +791,13 @@ static PyObject *py_lora_merge(PyObject *self, PyObject *args)
     }
     if (OUT == 0 || IN == 0 || R == 0) {
         PyErr_SetString(PyExc_ValueError, "weight, lora_A and lora_B must not be empty");
+        return NULL;
+    }
+    /* sgemm reads lora_A and lora_B while it writes weight, so they must not overlap. */
+    if (bytes_overlap(w, a) || bytes_overlap(w, b)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "weight shares memory with lora_A or lora_B but is written to; pass "
+                        "separate arrays");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS

@@ -16,14 +16,21 @@ extern PyMethodDef skupy_ops_methods[];
 extern PyTypeObject SkupyEngineType;
 extern PyMethodDef skupy_engine_methods[];
 
+/* Upper bound for set_num_threads. libgomp allocates the state of a whole team
+ * when a parallel loop starts and aborts the process when that or creating the
+ * threads fails, so a count like 2**31 - 1 must be rejected here. The bound is a
+ * sanity limit far above the core count of current machines, not a tuned value. */
+#define MAX_NUM_THREADS 1024
+
 static PyObject *set_num_threads(PyObject *self, PyObject *args)
 {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) {
         return NULL;
     }
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "num_threads must be at least 1, got %d", n);
+    if (n < 1 || n > MAX_NUM_THREADS) {
+        PyErr_Format(PyExc_ValueError, "num_threads must lie in [1, %d], got %d", MAX_NUM_THREADS,
+                     n);
         return NULL;
     }
     omp_set_num_threads(n);
@@ -38,7 +45,7 @@ static PyObject *get_num_threads(PyObject *self, PyObject *noargs)
 
 static PyMethodDef module_methods[] = {
     {"set_num_threads", set_num_threads, METH_VARARGS,
-     "set_num_threads(n)\n\nSet the number of threads used by OpenMP loops and OpenBLAS."},
+     "set_num_threads(n)\n\nSet the number of threads used by OpenMP loops and OpenBLAS, 1 to 1024."},
     {"get_num_threads", get_num_threads, METH_NOARGS,
      "get_num_threads() -> int\n\nReturn the number of threads the C core uses."},
     {NULL, NULL, 0, NULL},

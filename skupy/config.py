@@ -57,7 +57,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        if self.head_dim is None:
+        if self.head_dim is None and isinstance(self.num_heads, int) and self.num_heads > 0:
             self.head_dim = self.hidden_size // self.num_heads
         self.lora_targets = tuple(self.lora_targets)
         self.validate()

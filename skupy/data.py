@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -170,20 +171,29 @@ def iter_jsonl(path: PathLike) -> Iterator[tuple]:
     """Yield (line_number, object) for each non-blank line of a JSON Lines file.
 
     Line numbers are 1-based. A line that is not valid JSON, or not a JSON
-    object, raises DataError naming the file and the line.
+    object, raises DataError naming the file and the line. A file that is not
+    UTF-8 text, or a .gz file that is not valid gzip, raises DataError naming the file.
     """
     path = Path(path)
-    with _open_text(path) as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{path}, line {line_number}: expected a JSON object, found {type(value).__name__}")
-            yield line_number, value
+    try:
+        with _open_text(path) as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}, line {line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{path}, line {line_number}: invalid JSON (nested too deeply)") from None
+                if not isinstance(value, dict):
+                    raise DataError(f"{path}, line {line_number}: expected a JSON object, found {type(value).__name__}")
+                yield line_number, value
+    except UnicodeDecodeError as error:
+        # Text files decode ahead of the line being read, so no line number is given.
+        raise DataError(f"{path}: the file is not UTF-8 text ({error.reason})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(f"{path}: invalid gzip file ({error})") from None
 
 
 def _read_json_records(path: Path) -> list:
@@ -193,6 +203,10 @@ def _read_json_records(path: Path) -> list:
             value = json.load(stream)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: the file is not UTF-8 text ({error.reason})") from None
     if isinstance(value, dict) and "data" in value:
         value = value["data"]
     if not isinstance(value, list):
@@ -366,38 +380,45 @@ def load_truthfulqa(path: PathLike) -> list:
 
     The CSV needs the columns Question, Best Answer, Correct Answers and
     Incorrect Answers; Type, Category and Source are kept when present.
-    Raises FileNotFoundError for a missing file and DataError for a missing
-    column, an empty Question or Best Answer cell, or a file with no rows.
+    Raises FileNotFoundError for a missing file and DataError for text that
+    is not UTF-8 or not valid CSV (including a cell over the csv module's field
+    size limit), a missing column, an empty Question or Best Answer cell, or a
+    file with no rows.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TruthfulQA CSV not found: {path}; download TruthfulQA.csv from {TRUTHFULQA_HOMEPAGE}")
 
     questions = []
-    with open(path, "r", encoding="utf-8-sig", newline="") as stream:
-        reader = csv.DictReader(stream)
-        columns = reader.fieldnames or []
-        missing = [name for name in TRUTHFULQA_REQUIRED_COLUMNS if name not in columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                            f"found {', '.join(columns) if columns else 'no header'}")
-        for row in reader:
-            # line_num is the line on which the row ends, so it points at the row even when cells span lines.
-            where = f"{path}, line {reader.line_num}"
-            question = (row["Question"] or "").strip()
-            best_answer = (row["Best Answer"] or "").strip()
-            if not question or not best_answer:
-                raise DataError(f"{where}: Question and Best Answer must not be empty")
-            questions.append(TruthfulQAQuestion(
-                question=question,
-                best_answer=best_answer,
-                correct_answers=tuple(split_answer_cell(row["Correct Answers"] or "")),
-                incorrect_answers=tuple(split_answer_cell(row["Incorrect Answers"] or "")),
-                type=(row.get("Type") or "").strip(),
-                category=(row.get("Category") or "").strip(),
-                source=(row.get("Source") or "").strip(),
-                index=len(questions),
-            ))
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as stream:
+            reader = csv.DictReader(stream)
+            columns = reader.fieldnames or []
+            missing = [name for name in TRUTHFULQA_REQUIRED_COLUMNS if name not in columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                                f"found {', '.join(columns) if columns else 'no header'}")
+            for row in reader:
+                # line_num is the line on which the row ends, so it points at the row even when cells span lines.
+                where = f"{path}, line {reader.line_num}"
+                question = (row["Question"] or "").strip()
+                best_answer = (row["Best Answer"] or "").strip()
+                if not question or not best_answer:
+                    raise DataError(f"{where}: Question and Best Answer must not be empty")
+                questions.append(TruthfulQAQuestion(
+                    question=question,
+                    best_answer=best_answer,
+                    correct_answers=tuple(split_answer_cell(row["Correct Answers"] or "")),
+                    incorrect_answers=tuple(split_answer_cell(row["Incorrect Answers"] or "")),
+                    type=(row.get("Type") or "").strip(),
+                    category=(row.get("Category") or "").strip(),
+                    source=(row.get("Source") or "").strip(),
+                    index=len(questions),
+                ))
+    except csv.Error as error:
+        raise DataError(f"{path}, line {reader.line_num}: invalid CSV ({error})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: the file is not UTF-8 text ({error.reason})") from None
     if not questions:
         raise DataError(f"{path}: contains no questions")
     return questions

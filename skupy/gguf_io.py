@@ -168,6 +168,11 @@ def open_gguf(path: Union[str, os.PathLike]):
         raise CheckpointError(f"{path}: invalid GGUF file: {error}") from None
     if reader.byte_order != "I":
         raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
+    # GGUFReader adds each tensor's offset to the data start in uint64, so an offset near
+    # 2**64 wraps around to a position before the data, which the bounds check accepts.
+    for tensor in reader.tensors:
+        if tensor.data_offset < reader.data_offset:
+            raise CheckpointError(f"{path}: invalid GGUF file: tensor {tensor.name} has a data offset past the end of the file")
     return reader
 
 
@@ -262,13 +267,13 @@ def _metadata_float(metadata: dict, key: str, path: Path, default=None) -> float
     return float(str(np.float32(value)))
 
 
-def _token_ids(metadata: dict) -> dict:
+def _token_ids(metadata: dict, path: Path) -> dict:
     ids = {}
     for field, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
                        ("pad_token_id", "tokenizer.ggml.padding_token_id")):
         value = metadata.get(key)
-        ids[field] = int(value) if value is not None else None
+        ids[field] = _metadata_int(metadata, key, path) if value is not None else None
     return ids
 
 
@@ -334,7 +339,7 @@ def _llama_config(metadata: dict, shapes: dict, path: Path) -> ModelConfig:
         attention_out_bias="blk.0.attn_output.bias" in shapes,
         mlp_bias="blk.0.ffn_up.bias" in shapes,
         extra={"gguf_general_name": metadata.get("general.name")},
-        **_token_ids(metadata),
+        **_token_ids(metadata, path),
     )
 
 
@@ -372,7 +377,7 @@ def _gpt2_config(metadata: dict, shapes: dict, path: Path) -> ModelConfig:
         attention_out_bias=True,
         mlp_bias=True,
         extra={"gguf_general_name": metadata.get("general.name")},
-        **_token_ids(metadata),
+        **_token_ids(metadata, path),
     )
 
 
@@ -385,6 +390,11 @@ def _plan_tensors(architecture: str, config: ModelConfig, shapes: dict, path: Pa
     Shapes are checked against the config before any tensor is dequantized, so a file
     with a wrong or huge tensor fails fast and without allocating memory for it.
     """
+    # Each block has several tensors, and param_specs would take minutes to list the
+    # layers of a forged block_count, so a count above the number of tensors fails first.
+    if config.num_layers > len(shapes):
+        raise CheckpointError(
+            f"{path}: {architecture}.block_count is {config.num_layers} but the file has only {len(shapes)} tensors")
     expected = dict(param_specs(config, include_lora=False))
     global_names = _LLAMA_GLOBAL_NAMES if architecture == "llama" else _GPT2_GLOBAL_NAMES
     block_names = _LLAMA_BLOCK_NAMES if architecture == "llama" else _GPT2_BLOCK_NAMES

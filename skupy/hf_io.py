@@ -65,8 +65,10 @@ def read_json(path: Union[str, os.PathLike], description: str = "JSON file") -> 
         raise CheckpointError(f"{path}: {description} is {size} bytes, more than the {MAX_JSON_BYTES}-byte limit")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError, or an int of over 4300 digits
         raise CheckpointError(f"{path}: invalid {description}: {error}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid {description}: nested too deeply") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: invalid {description}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -118,11 +120,14 @@ def hf_architecture(hf_config: dict, source: str = "config.json") -> str:
     architectures = hf_config.get("architectures") or []
     if isinstance(architectures, str):
         architectures = [architectures]
+    if not isinstance(architectures, list):
+        raise CheckpointError(f"{source}: config entry 'architectures' must be a list of class names, "
+                              f"got {architectures!r}")
     for name in architectures:
         if name in SUPPORTED_ARCHITECTURES:
             return name
     model_type = hf_config.get("model_type")
-    if not architectures and model_type in HF_CLASS_BY_MODEL_TYPE:
+    if not architectures and isinstance(model_type, str) and model_type in HF_CLASS_BY_MODEL_TYPE:
         return HF_CLASS_BY_MODEL_TYPE[model_type]
     found = ", ".join(map(str, architectures)) if architectures else f"model_type {model_type!r}"
     raise CheckpointError(
@@ -152,7 +157,10 @@ def _float_field(hf_config: dict, key: str, source: str, default: float) -> floa
         return float(default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CheckpointError(f"{source}: config entry {key!r} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise CheckpointError(f"{source}: config entry {key!r} is too large for a float") from None
 
 
 def _rope_fields(hf_config: dict, source: str) -> tuple:
@@ -162,7 +170,7 @@ def _rope_fields(hf_config: dict, source: str) -> tuple:
     """
     parameters = hf_config.get("rope_parameters")
     if isinstance(parameters, dict) and "rope_type" in parameters:
-        theta = float(parameters.get("rope_theta", hf_config.get("rope_theta") or 10000.0))
+        theta = _float_field(parameters, "rope_theta", source, _float_field(hf_config, "rope_theta", source, 10000.0))
         scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
     else:
         theta = _float_field(hf_config, "rope_theta", source, 10000.0)
@@ -225,7 +233,7 @@ _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", 
 
 def _gpt2_fields(hf_config: dict, source: str) -> dict:
     activation = hf_config.get("activation_function", "gelu_new")
-    if activation not in _GPT2_ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in _GPT2_ACTIVATIONS:
         raise CheckpointError(f"{source}: GPT-2 activation_function {activation!r} is not supported; "
                               f"supported: {', '.join(_GPT2_ACTIVATIONS)}")
     for key, required in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
@@ -260,7 +268,7 @@ OPT_POSITION_OFFSET = 2
 
 def _opt_fields(hf_config: dict, source: str) -> dict:
     activation = hf_config.get("activation_function", "relu")
-    if activation not in _OPT_ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in _OPT_ACTIVATIONS:
         raise CheckpointError(f"{source}: OPT activation_function {activation!r} is not supported; "
                               f"supported: {', '.join(_OPT_ACTIVATIONS)}")
     if not hf_config.get("layer_norm_elementwise_affine", True):
@@ -616,6 +624,10 @@ def _shard_files(index_path: Path) -> list:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: invalid safetensors index: 'weight_map' must be a non-empty object")
+    not_names = [shard for shard in weight_map.values() if not isinstance(shard, str)]
+    if not_names:
+        raise CheckpointError(f"{index_path}: invalid safetensors index: 'weight_map' values must be shard file "
+                              f"names, got {not_names[0]!r}")
     files = []
     for shard in dict.fromkeys(weight_map.values()):
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
@@ -668,6 +680,11 @@ def load_hf_config(folder: Union[str, os.PathLike]) -> ModelConfig:
 
 def _read_params(config: ModelConfig, reader: SafetensorsReader, folder: Path) -> dict:
     available = {_canonical_hf_name(config.arch, name): name for name in reader.names()}
+    # Each layer has several tensors, and listing the layers of a forged layer count
+    # would take minutes, so a count above the number of tensors fails first.
+    if config.num_layers > len(available):
+        raise CheckpointError(f"{folder}: config.json has {config.num_layers} layers but the safetensors "
+                              f"weights hold only {len(available)} tensors")
     layout = hf_tensor_layout(config)
     expected_shapes = dict(param_specs(config, include_lora=False))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,18 +114,24 @@ class SKUConfig:
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "SKUConfig":
-        """Read a config from a .yaml, .yml or .json file holding one mapping (see from_dict)."""
+        """Read a config from a .yaml, .yml or .json file holding one mapping (see from_dict).
+
+        Raises FileNotFoundError for a missing file and ValueError naming the file
+        for text that is not UTF-8, YAML or JSON, and for invalid values.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SKU config file not found: {path}")
         suffix = path.suffix.lower()
-        text = path.read_text(encoding="utf-8")
-        if suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text)
-        elif suffix == ".json":
-            values = json.loads(text)
-        else:
+        if suffix not in (".yaml", ".yml", ".json"):
             raise ValueError(f"{path}: unsupported config file type {suffix!r}; use .yaml, .yml or .json")
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: invalid config file: {error}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: invalid config file: nested too deeply") from None
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -167,8 +174,8 @@ class SKUConfig:
     @classmethod
     def from_preset(cls, name: str, **changes) -> "SKUConfig":
         """Build the preset called ``name`` with ``changes`` applied on top."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown SKU preset {name!r}; available: {', '.join(PRESETS)}")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ValueError(f"unknown SKU preset {_short_repr(name)}; available: {', '.join(PRESETS)}")
         values = dict(PRESETS[name]["values"])
         values.update(changes)
         return cls(**values)
@@ -191,6 +198,15 @@ def _canonical_name(key: str) -> str:
     return name
 
 
+def _short_repr(value) -> str:
+    """Return repr(value) cut to a few elements per level, for error messages.
+
+    A YAML file can alias one list many times over, and the full repr of such
+    a value grows exponentially with the number of anchors.
+    """
+    return reprlib.repr(value)
+
+
 def _split_names(text: str) -> tuple:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -209,14 +225,14 @@ def _convert(name: str, value):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
             return value.strip().lower() in _TRUE_WORDS
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ValueError(f"{name} must be true or false, got {_short_repr(value)}")
 
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         number = _parse_number(name, value, "an integer")
         if not math.isfinite(number) or number != int(number):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ValueError(f"{name} must be an integer, got {_short_repr(value)}")
         return int(number)
 
     if kind is float:
@@ -229,12 +245,12 @@ def _convert(name: str, value):
             return _split_names(value)
         if isinstance(value, (list, tuple)) and all(isinstance(entry, str) for entry in value):
             return tuple(value)
-        raise ValueError(f"{name} must be a list of names or a comma-separated string, got {value!r}")
+        raise ValueError(f"{name} must be a list of names or a comma-separated string, got {_short_repr(value)}")
 
     if kind is str:
         if isinstance(value, (str, Path)):
             return str(value)
-        raise ValueError(f"{name} must be a string, got {value!r}")
+        raise ValueError(f"{name} must be a string, got {_short_repr(value)}")
 
     raise TypeError(f"SKUConfig field {name} has a type ({kind}) that _convert does not handle")
 
@@ -248,7 +264,7 @@ def _parse_number(name: str, value, expected: str) -> float:
             pass
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
+    raise ValueError(f"{name} must be {expected}, got {_short_repr(value)}")
 
 
 def _validation_errors(config: SKUConfig) -> list:
