@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Modules with a register_commands(subparsers, add_runtime_options) function; each
 # subcommand it adds sets handler=callable(args) -> exit code with set_defaults.
-EXTRA_COMMAND_MODULES = (".eval_cli",)
+EXTRA_COMMAND_MODULES = (".eval_cli", ".compare_cli")
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:

@@ -243,6 +243,8 @@ class SKU:
         log = []
         if resume and out is not None:
             start, log = self._restore(out, model, optimizer)
+        elif out is not None:
+            (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
         harmful_sampler = replay_sampler(len(self.harmful), cfg.batch_size, [cfg.seed, 1], start)
         normal_sampler = replay_sampler(len(self.normal), cfg.batch_size, [cfg.seed, 2], start)
 
