@@ -311,7 +311,7 @@ int model_generate(Model *m, float *const *P, const int32_t *prompt,
             break;
         }
 
-        /* feed the new token of every row; finished rows feed padding nobody reads */
+        /* feed the new token of every row; finished rows feed padding whose output is ignored */
         int q_offset = Tp + step;
         for (int b = 0; b < B; b++) {
             s.cache_mask[(size_t)b * Tmax + q_offset] = 1;

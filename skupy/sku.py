@@ -61,7 +61,7 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class SKUResult:
-    """What one SKU run produced."""
+    """Outputs of one SKU run: task vector, unlearned weights, per-step log and held-out NLL."""
 
     out_dir: Optional[Path]
     task_vector: TaskVector
@@ -130,7 +130,7 @@ class SKU:
     # model set-up
 
     def build_model(self) -> Model:
-        """The model stage 1 trains: LoRA adapters on the base weights, or a full copy."""
+        """Build the model stage 1 trains: LoRA adapters on the base weights, or a full copy."""
         cfg = self.config
         if cfg.lora:
             model_config = self.base_config.replace(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
