@@ -11,9 +11,9 @@ Typical use::
 """
 import os as _os
 
-# OpenMP loops and OpenBLAS calls alternate on the same cores; spinning OpenMP
-# workers would steal those cores from OpenBLAS between regions (measured: a
-# 3x slower forward pass on 2 cores). libgomp reads this when it loads, below.
+# OpenMP loops and OpenBLAS calls alternate on the same cores, so spinning OpenMP
+# workers would steal those cores from OpenBLAS between regions. On a 2-core
+# machine that made the forward pass 3x slower. libgomp reads this when it loads.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Likewise OpenBLAS workers spin for 2^28 cycles after each call by default; 2^4
 # lets them sleep at once, leaving the cores to the OpenMP loop that follows.

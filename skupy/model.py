@@ -103,7 +103,7 @@ def init_params(config: ModelConfig, seed: int = 0, std: float = 0.02, frozen_bf
 
 
 def is_block_linear_weight(name: str) -> bool:
-    """Whether name is the weight of a block linear layer, the kind that may be stored in bfloat16."""
+    """Return whether name is a block linear weight, the only kind that may be stored in bfloat16."""
     return name.startswith("layers.") and name.endswith("_proj.weight")
 
 
@@ -396,7 +396,7 @@ class Model:
             save_hf(folder, self.config, self.params, self.tokenizer)
 
     def base_config(self) -> ModelConfig:
-        """The config without LoRA adapters (what merged_params() fits)."""
+        """Return the config without LoRA adapters, the one merged_params() fits."""
         return self.config.replace(lora_rank=0)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
