@@ -329,14 +329,44 @@ static PyObject *engine_set_inv_freq(EngineObject *self, PyObject *args)
 /* ------------------------------------------------------------------------ */
 /* forward, losses, backward */
 
+/* Validates head_rows: 1-D int32, 1 to N entries, strictly increasing, in
+ * [0,N). Returns it (borrowed), or NULL with ValueError. */
+static PyArrayObject *checked_head_rows(PyObject *obj, npy_intp N)
+{
+    npy_intp any1[1] = {ANY_DIM};
+    PyArrayObject *rows = check_array(obj, "head_rows", NPY_INT32, 1, any1, 0);
+    if (rows == NULL) {
+        return NULL;
+    }
+    npy_intp R = PyArray_DIM(rows, 0);
+    if (R < 1 || R > N) {
+        PyErr_Format(PyExc_ValueError,
+                     "head_rows has %zd entries; it needs 1 to B*T = %zd row indices, or pass None "
+                     "for logits on every row", (Py_ssize_t)R, (Py_ssize_t)N);
+        return NULL;
+    }
+    const int32_t *r = I32(rows);
+    for (npy_intp i = 0; i < R; i++) {
+        if (r[i] < 0 || r[i] >= N || (i > 0 && r[i] <= r[i - 1])) {
+            PyErr_Format(PyExc_ValueError,
+                         "head_rows[%zd] = %d; head_rows must be strictly increasing row indices "
+                         "of the flattened batch, in [0, %zd)", (Py_ssize_t)i, (int)r[i],
+                         (Py_ssize_t)N);
+            return NULL;
+        }
+    }
+    return rows;
+}
+
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"params", "tokens", "positions", "mask", "use_lora", NULL};
-    PyObject *params, *tokens_obj, *positions_obj, *mask_obj;
+    static char *kwlist[] = {"params", "tokens", "positions", "mask", "use_lora", "head_rows",
+                             NULL};
+    PyObject *params, *tokens_obj, *positions_obj, *mask_obj, *rows_obj = Py_None;
     int use_lora = 1;
     if (engine_enter(self) < 0 ||
-        !PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|p", kwlist, &params, &tokens_obj,
-                                     &positions_obj, &mask_obj, &use_lora)) {
+        !PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|pO", kwlist, &params, &tokens_obj,
+                                     &positions_obj, &mask_obj, &use_lora, &rows_obj)) {
         return NULL;
     }
     Model *m = &self->model;
@@ -371,6 +401,10 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
         check_index_range(I32(positions), NULL, B * T, c->max_positions, "positions") < 0) {
         return NULL;
     }
+    PyArrayObject *head_rows = NULL;
+    if (rows_obj != Py_None && (head_rows = checked_head_rows(rows_obj, B * T)) == NULL) {
+        return NULL;
+    }
 
     float **slots = PyMem_Calloc((size_t)m->num_slots, sizeof(float *));
     if (slots == NULL) {
@@ -392,7 +426,9 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     }
 
     Py_BEGIN_ALLOW_THREADS
-    model_forward(m, slots, I32(tokens), I32(positions), I32(mask), (int)B, (int)T, use_lora);
+    model_forward(m, slots, I32(tokens), I32(positions), I32(mask), (int)B, (int)T, use_lora,
+                  head_rows != NULL ? I32(head_rows) : NULL,
+                  head_rows != NULL ? (int)PyArray_DIM(head_rows, 0) : 0);
     Py_END_ALLOW_THREADS
     self->state = STATE_LOGITS;
 
@@ -419,12 +455,15 @@ static PyObject *engine_logits(EngineObject *self, PyObject *noargs)
         return NULL;
     }
     Model *m = &self->model;
+    int all_rows = m->R == m->B * m->T;
     npy_intp dims[3] = {m->B, m->T, m->cfg.V};
-    PyObject *out = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    npy_intp rv[2] = {m->R, m->cfg.V};
+    PyObject *out = all_rows ? PyArray_SimpleNew(3, dims, NPY_FLOAT32)
+                             : PyArray_SimpleNew(2, rv, NPY_FLOAT32);
     if (out == NULL) {
         return NULL;
     }
-    size_t bytes = (size_t)m->B * m->T * m->cfg.V * sizeof(float);
+    size_t bytes = (size_t)m->R * m->cfg.V * sizeof(float);
     Py_BEGIN_ALLOW_THREADS
     memcpy(PyArray_DATA((PyArrayObject *)out), m->logits, bytes);
     Py_END_ALLOW_THREADS
@@ -484,6 +523,72 @@ static int parse_grad_scale(PyObject *obj, int *want, float *scale)
     return 0;
 }
 
+/* Per-row loss inputs gathered to the R head rows of the last forward. */
+typedef struct {
+    float *weights;    /* (R), NULL when every row has logits */
+    int32_t *targets;  /* (R), NULL when every row has logits or there are no targets */
+    float *losses;     /* (R) per-row losses before they are scattered back */
+} HeadRows;
+
+/* Gathers the (B,T) weights and targets (targets may be NULL) of the head rows
+ * into h, in PyMem buffers that head_rows_scatter frees. With every row in the
+ * head, h's pointers stay NULL. Returns 0, or -1 with ValueError when a row
+ * outside the head rows has a nonzero weight (MemoryError when out of memory). */
+static int head_rows_gather(Model *m, const float *weights, const int32_t *targets, HeadRows *h)
+{
+    h->weights = NULL;
+    h->targets = NULL;
+    h->losses = NULL;
+    int N = m->B * m->T;
+    if (m->R == N) {
+        return 0;
+    }
+    int next = 0;
+    for (int n = 0; n < N; n++) {
+        if (next < m->R && m->head_rows[next] == n) {
+            next++;
+        } else if (weights[n] != 0.0f) {
+            char value[32];
+            snprintf(value, sizeof value, "%g", (double)weights[n]);
+            PyErr_Format(PyExc_ValueError,
+                         "weights[%d, %d] is %s, but forward() computed logits only for "
+                         "head_rows, which leave out that row; include every row with a nonzero "
+                         "weight in head_rows", n / m->T, n % m->T, value);
+            return -1;
+        }
+    }
+    h->weights = PyMem_Malloc((size_t)m->R * (2 * sizeof(float) + sizeof(int32_t)));
+    if (h->weights == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    h->losses = h->weights + m->R;
+    if (targets != NULL) {
+        h->targets = (int32_t *)(h->losses + m->R);
+    }
+    for (int r = 0; r < m->R; r++) {
+        h->weights[r] = weights[m->head_rows[r]];
+        h->losses[r] = 0.0f;
+        if (targets != NULL) {
+            h->targets[r] = targets[m->head_rows[r]];
+        }
+    }
+    return 0;
+}
+
+/* Writes the gathered per-row losses into losses (B,T) and frees h's buffers. */
+static void head_rows_scatter(Model *m, HeadRows *h, float *losses)
+{
+    if (h->weights == NULL) {
+        return;
+    }
+    for (int r = 0; r < m->R; r++) {
+        losses[m->head_rows[r]] = h->losses[r];
+    }
+    PyMem_Free(h->weights);
+    h->weights = NULL;
+}
+
 static PyObject *engine_cross_entropy(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"targets", "weights", "grad_scale", NULL};
@@ -506,17 +611,26 @@ static PyObject *engine_cross_entropy(EngineObject *self, PyObject *args, PyObje
         parse_grad_scale(scale_obj, &want_grad, &scale) < 0) {
         return NULL;
     }
+    HeadRows h;
     PyArrayObject *losses = (PyArrayObject *)PyArray_ZEROS(2, bt, NPY_FLOAT32, 0);
     if (losses == NULL) {
         return NULL;
     }
+    if (head_rows_gather(m, F32(weights), I32(targets), &h) < 0) {
+        Py_DECREF(losses);
+        return NULL;
+    }
+    const float *w = h.weights != NULL ? h.weights : F32(weights);
+    const int32_t *t = h.targets != NULL ? h.targets : I32(targets);
+    float *l = h.losses != NULL ? h.losses : F32(losses);
     double total;
     Py_BEGIN_ALLOW_THREADS
-    total = crossentropy_forward(F32(losses), m->logits, I32(targets), F32(weights), N, V);
+    total = crossentropy_forward(l, m->logits, t, w, m->R, V);
     if (want_grad) {
-        crossentropy_backward(m->logits, m->logits, I32(targets), F32(weights), scale, N, V);
+        crossentropy_backward(m->logits, m->logits, t, w, scale, m->R, V);
     }
     Py_END_ALLOW_THREADS
+    head_rows_scatter(m, &h, F32(losses));
     if (want_grad) {
         self->state = STATE_DLOGITS;
     }
@@ -537,25 +651,35 @@ static PyObject *engine_kl_div(EngineObject *self, PyObject *args, PyObject *kwd
     Model *m = &self->model;
     int N = m->B * m->T, V = m->cfg.V;
     npy_intp btv[3] = {m->B, m->T, V};
+    npy_intp rv[2] = {m->R, V};
     npy_intp bt[2] = {m->B, m->T};
-    PyArrayObject *ref = check_array(ref_obj, "ref_logits", NPY_FLOAT32, 3, btv, 0);
+    PyArrayObject *ref = m->R == N ? check_array(ref_obj, "ref_logits", NPY_FLOAT32, 3, btv, 0)
+                                   : check_array(ref_obj, "ref_logits", NPY_FLOAT32, 2, rv, 0);
     PyArrayObject *weights = ref ? checked_weights(self, weights_obj) : NULL;
     int want_grad;
     float scale = 1.0f;
     if (weights == NULL || parse_grad_scale(scale_obj, &want_grad, &scale) < 0) {
         return NULL;
     }
+    HeadRows h;
     PyArrayObject *losses = (PyArrayObject *)PyArray_ZEROS(2, bt, NPY_FLOAT32, 0);
     if (losses == NULL) {
         return NULL;
     }
+    if (head_rows_gather(m, F32(weights), NULL, &h) < 0) {
+        Py_DECREF(losses);
+        return NULL;
+    }
+    const float *w = h.weights != NULL ? h.weights : F32(weights);
+    float *l = h.losses != NULL ? h.losses : F32(losses);
     double total;
     Py_BEGIN_ALLOW_THREADS
-    total = kl_forward(F32(losses), m->logits, F32(ref), F32(weights), N, V, reverse);
+    total = kl_forward(l, m->logits, F32(ref), w, m->R, V, reverse);
     if (want_grad) {
-        kl_backward(m->logits, m->logits, F32(ref), F32(weights), scale, N, V, reverse);
+        kl_backward(m->logits, m->logits, F32(ref), w, scale, m->R, V, reverse);
     }
     Py_END_ALLOW_THREADS
+    head_rows_scatter(m, &h, F32(losses));
     if (want_grad) {
         self->state = STATE_DLOGITS;
     }
@@ -849,11 +973,13 @@ static PyMethodDef engine_methods[] = {
     {"set_inv_freq", (PyCFunction)engine_set_inv_freq_claimed, METH_VARARGS,
      "set_inv_freq(inv_freq)\n\nSet the RoPE inverse frequencies, float32 (head_dim/2,)."},
     {"forward", (PyCFunction)(void (*)(void))engine_forward_claimed, METH_VARARGS | METH_KEYWORDS,
-     "forward(params, tokens, positions, mask, use_lora=True)\n\n"
+     "forward(params, tokens, positions, mask, use_lora=True, head_rows=None)\n\n"
      "Run the model on tokens (B,T) int32 with positions (B,T) int32 and key mask (B,T) int32\n"
-     "(1 = real token). Keeps logits (B,T,V) and activations for backward."},
+     "(1 = real token). Keeps logits (B,T,V) and activations for backward. head_rows, an\n"
+     "increasing int32 (R,) array of flattened row indices, limits the LM head to those rows:\n"
+     "the logits are then (R,V) and loss weights must be zero on every other row."},
     {"logits", (PyCFunction)engine_logits_claimed, METH_NOARGS,
-     "logits() -> (B,T,V) float32 copy of the last forward's logits."},
+     "logits() -> float32 copy of the last forward's logits: (B,T,V), or (R,V) with head_rows."},
     {"hidden", (PyCFunction)engine_hidden_claimed, METH_NOARGS,
      "hidden() -> (B,T,E) float32 copy of the LM head's input from the last forward."},
     {"cross_entropy", (PyCFunction)(void (*)(void))engine_cross_entropy_claimed,
@@ -863,7 +989,8 @@ static PyMethodDef engine_methods[] = {
      "With grad_scale, writes grad_scale * d(weighted_sum)/dlogits over the logits."},
     {"kl_div", (PyCFunction)(void (*)(void))engine_kl_div_claimed, METH_VARARGS | METH_KEYWORDS,
      "kl_div(ref_logits, weights, reverse=False, grad_scale=None) -> (weighted_sum, losses)\n\n"
-     "KL(p_ref || p) per position (reverse: KL(p || p_ref)), p from the last logits."},
+     "KL(p_ref || p) per position (reverse: KL(p || p_ref)), p from the last logits.\n"
+     "ref_logits has the shape logits() returns: (B,T,V), or (R,V) after head_rows."},
     {"generate", (PyCFunction)(void (*)(void))engine_generate_claimed, METH_VARARGS | METH_KEYWORDS,
      "generate(params, tokens, mask, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,\n"
      "         seed=0, stop_ids=None, pad_id=0, use_lora=True) -> (new_tokens, lengths)\n\n"

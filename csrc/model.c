@@ -297,6 +297,7 @@ typedef struct {
     float *dfc, *dup, *dact;
     float *dlora;          /* (N,R) */
     float *dE;             /* (N,E) gradient at the embedding / project_out width */
+    float *dhead;          /* (R,E) gradient of the gathered LM head input */
 } GradScratch;
 
 static size_t grad_layout(const ModelConfig *c, size_t N, size_t B, size_t T, float *base,
@@ -327,6 +328,7 @@ static size_t grad_layout(const ModelConfig *c, size_t N, size_t B, size_t T, fl
     TAKE(g->dact, N * c->F);
     TAKE(g->dlora, N * (c->lora_rank > 0 ? c->lora_rank : 1));
     TAKE(g->dE, N * c->E);
+    TAKE(g->dhead, N * c->E);
 #undef TAKE
     return used;
 }
@@ -341,7 +343,8 @@ int model_reserve(Model *m, int B, int T)
                   + (size_t)(c->L + 1) * N * c->C  /* resid */
                   + N * c->C + 2 * N         /* final norm */
                   + N * c->E                 /* project_out */
-                  + N * (size_t)c->V         /* logits */
+                  + N * (size_t)c->V         /* logits, R <= N rows */
+                  + N * c->E                 /* gathered LM head input */
                   + 2 * N * (size_t)(c->HS / 2) /* rope tables */
                   + stored_layers * per_layer;
     size_t grad_need = grad_layout(c, N, B, T, NULL, NULL);
@@ -365,7 +368,7 @@ int model_reserve(Model *m, int B, int T)
         m->grads_capacity = grad_need;
     }
     if (N > m->rows_capacity) {
-        int32_t *ints = malloc(3 * N * sizeof(int32_t));
+        int32_t *ints = malloc(4 * N * sizeof(int32_t));
         if (ints == NULL) {
             return -1;
         }
@@ -377,6 +380,7 @@ int model_reserve(Model *m, int B, int T)
     m->T = T;
     m->positions = m->tokens + N;
     m->mask = m->tokens + 2 * N;
+    m->head_rows = m->tokens + 3 * N;
 
     float *p = m->acts;
     m->embed = p; p += N * c->E;
@@ -386,6 +390,7 @@ int model_reserve(Model *m, int B, int T)
     m->fn_rstd = p; p += N;
     m->proj = p; p += N * c->E;
     m->logits = p; p += N * (size_t)c->V;
+    m->head_in = p; p += N * c->E;
     m->rope_cos = p; p += N * (size_t)(c->HS / 2);
     m->rope_sin = p; p += N * (size_t)(c->HS / 2);
     m->layer_store = p;
@@ -758,14 +763,41 @@ static float *head_input(Model *m)
     return m->resid + (size_t)c->L * N_ROWS(m) * c->C;
 }
 
+/* Copies the head rows of src (N,E) into dst (R,E), or scatters them back when
+ * gather is 0 (dst rows outside the head rows are left as they are). */
+static void move_head_rows(float *dst, const float *src, const int32_t *rows, int R, int E,
+                           int gather)
+{
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < R; r++) {
+        size_t n = (size_t)rows[r];
+        if (gather) {
+            memcpy(dst + (size_t)r * E, src + n * E, (size_t)E * sizeof(float));
+        } else {
+            memcpy(dst + n * E, src + (size_t)r * E, (size_t)E * sizeof(float));
+        }
+    }
+}
+
+/* The (R,E) rows the LM head reads: head_input itself when every row has
+ * logits, else the gathered copy in m->head_in. */
+static const float *head_rows_input(Model *m)
+{
+    return m->R == (int)N_ROWS(m) ? head_input(m) : m->head_in;
+}
+
 void model_forward(Model *m, float *const *P, const int32_t *tokens, const int32_t *positions,
-                   const int32_t *mask, int B, int T, int use_lora)
+                   const int32_t *mask, int B, int T, int use_lora, const int32_t *head_rows, int R)
 {
     const ModelConfig *c = &m->cfg;
     size_t N = (size_t)B * T;
     m->B = B;
     m->T = T;
     m->lora_active = use_lora && c->lora_rank > 0;
+    m->R = head_rows != NULL ? R : (int)N;
+    if (head_rows != NULL) {
+        memcpy(m->head_rows, head_rows, (size_t)R * sizeof(int32_t));
+    }
     memcpy(m->tokens, tokens, N * sizeof(int32_t));
     memcpy(m->positions, positions, N * sizeof(int32_t));
     memcpy(m->mask, mask, N * sizeof(int32_t));
@@ -815,8 +847,12 @@ void model_forward(Model *m, float *const *P, const int32_t *tokens, const int32
     if (c->E != c->C) {
         linear_forward(m->proj, last, P[P_PROJECT_OUT], NULL, (int)N, c->C, c->E, 0);
     }
+    /* LM head on the R head rows only: logits (R,V) = head_in (R,E) W^T */
     const float *w_head = c->tied ? P[P_EMBED_TOKENS] : P[P_LM_HEAD];
-    linear_forward(m->logits, head_input(m), w_head, NULL, (int)N, c->E, c->V, 0);
+    if (m->R < (int)N) {
+        move_head_rows(m->head_in, head_input(m), m->head_rows, m->R, c->E, 1);
+    }
+    linear_forward(m->logits, head_rows_input(m), w_head, NULL, m->R, c->E, c->V, 0);
 }
 
 void model_backward(Model *m, float *const *P, float *const *G)
@@ -832,7 +868,14 @@ void model_backward(Model *m, float *const *P, float *const *G)
     const float *w_head = c->tied ? P[P_EMBED_TOKENS] : P[P_LM_HEAD];
     float *d_head_in = c->E != c->C ? g.dE : g.tA;
     memset(d_head_in, 0, (size_t)N * c->E * sizeof(float));
-    linear_backward(d_head_in, dW_head, NULL, m->logits, head_input(m), w_head, N, c->E, c->V);
+    if (m->R < N) {
+        /* gradient of the gathered rows, then scattered; other rows stay zero */
+        memset(g.dhead, 0, (size_t)m->R * c->E * sizeof(float));
+        linear_backward(g.dhead, dW_head, NULL, m->logits, m->head_in, w_head, m->R, c->E, c->V);
+        move_head_rows(d_head_in, g.dhead, m->head_rows, m->R, c->E, 0);
+    } else {
+        linear_backward(d_head_in, dW_head, NULL, m->logits, head_input(m), w_head, N, c->E, c->V);
+    }
 
     float *dfn = d_head_in;
     if (c->E != c->C) {

@@ -99,7 +99,10 @@ typedef struct {
     float *resid;      /* (L+1, N, C): input of each block and the final one */
     float *fn, *fn_mean, *fn_rstd;  /* (N,C): final norm */
     float *proj;       /* (N,E): project_out output */
-    float *logits;     /* (N,V); the loss functions overwrite it with dlogits */
+    float *logits;     /* (R,V); the loss functions overwrite it with dlogits */
+    int32_t *head_rows;/* (R) rows of the batch whose logits the LM head computes */
+    int R;             /* number of head rows; R == B*T when every row has logits */
+    float *head_in;    /* (R,E) LM head input gathered from the head rows */
     float *layer_store;/* per-layer activations, L blocks or one when recomputing */
     size_t layer_floats;
     int lora_active;   /* whether the last forward applied LoRA */
@@ -131,14 +134,18 @@ int model_reserve(Model *m, int B, int T);
 /* Forward pass. params: array of num_slots pointers (NULL for unused slots).
  * tokens, positions, mask: (B,T) int32, already validated (ids in [0,V),
  * positions in [0,max_positions)); model_reserve(m, B, T) must have succeeded.
- * use_lora: apply LoRA deltas when the config has them. Leaves logits (B,T,V)
- * in m->logits and the activations backward needs. */
+ * use_lora: apply LoRA deltas when the config has them.
+ * head_rows: NULL to compute logits for all N = B*T rows, or R strictly
+ * increasing row indices in [0,N) (validated by the caller, copied): only
+ * those rows go through the LM head, which is what a loss with zero weight
+ * elsewhere needs. Leaves logits (R,V) in m->logits (R = N without head_rows)
+ * and the activations backward needs. */
 void model_forward(Model *m, float *const *params, const int32_t *tokens,
                    const int32_t *positions, const int32_t *mask, int B, int T,
-                   int use_lora);
+                   int use_lora, const int32_t *head_rows, int R);
 
-/* Backward pass from m->logits holding dlogits (written by the loss
- * functions of ops.h). grads: num_slots pointers, NULL to skip a parameter.
+/* Backward pass from m->logits holding dlogits (R,V) (written by the loss
+ * functions of ops.h); rows outside the head rows get no gradient. grads: num_slots pointers, NULL to skip a parameter.
  * Gradients accumulate (+=). Needs the same params as the forward. */
 void model_backward(Model *m, float *const *params, float *const *grads);
 

@@ -253,6 +253,51 @@ def make_lm_batch(encoded: Sequence[EncodedPair], pad_id: int, pad_to: Optional[
     return batch
 
 
+# Fixed cost of one more forward/backward call, in padded tokens, for split_by_length.
+CHUNK_COST_TOKENS = 64
+
+
+def split_by_length(batch: dict, chunk_cost: int = CHUNK_COST_TOKENS) -> list:
+    """Split a right-padded batch into chunks of similar length, each cut to its longest row.
+
+    Rows are sorted by length and cut into consecutive groups so that the padded
+    tokens plus chunk_cost per group are fewest. Every array keeps its row
+    values, and the weights are not renormalized, so a weighted loss summed over
+    the chunks equals the loss of the whole batch. Returns a list of batch dicts.
+    """
+    lengths = np.asarray(batch["lengths"], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    count = len(order)
+
+    # best[i] is the least cost of the first i sorted rows. A group (j, i] costs
+    # its row count times the length of its last row, the longest one.
+    best = np.zeros(count + 1)
+    cut = np.zeros(count + 1, dtype=np.int64)
+    for i in range(1, count + 1):
+        costs = [best[j] + (i - j) * sorted_lengths[i - 1] + chunk_cost for j in range(i)]
+        cut[i] = int(np.argmin(costs))
+        best[i] = costs[cut[i]]
+
+    groups = []
+    end = count
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    chunks = []
+    for rows in reversed(groups):
+        width = int(lengths[rows].max())
+        chunk = {}
+        for key, value in batch.items():
+            value = np.asarray(value)
+            if value.ndim == 2:
+                chunk[key] = np.ascontiguousarray(value[rows, :width])
+            else:
+                chunk[key] = np.ascontiguousarray(value[rows])
+        chunks.append(chunk)
+    return chunks
+
+
 def make_kl_batch(encoded: Sequence[EncodedPair], pad_id: int, pad_to: Optional[int] = None) -> dict:
     """Build a right-padded batch whose weights average over every real position.
 

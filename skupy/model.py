@@ -259,10 +259,17 @@ class Model:
                 raise ValueError(f"positions has shape {positions.shape}, expected {tokens.shape}")
         return tokens, mask, positions
 
-    def run(self, tokens, mask=None, positions=None, *, use_lora: bool = True, params: Optional[dict] = None):
-        """Run the forward pass and keep its logits inside the engine; returns (tokens, mask) as int32."""
+    def run(self, tokens, mask=None, positions=None, *, use_lora: bool = True, params: Optional[dict] = None,
+            head_rows=None):
+        """Run the forward pass and keep its logits inside the engine; returns (tokens, mask) as int32.
+
+        head_rows (increasing indices into the flattened B*T rows) limits the LM head to
+        those rows; losses computed afterwards must give every other row zero weight.
+        """
         tokens, mask, positions = self._inputs(tokens, mask, positions)
-        self.engine.forward(self.param_list(params), tokens, positions, mask, use_lora)
+        if head_rows is not None:
+            head_rows = np.ascontiguousarray(head_rows, dtype=np.int32)
+        self.engine.forward(self.param_list(params), tokens, positions, mask, use_lora, head_rows)
         return tokens, mask
 
     def forward(self, tokens, mask=None, positions=None, *, use_lora: bool = True,
@@ -283,9 +290,13 @@ class Model:
         return self.engine.hidden()
 
     def token_nll(self, tokens, targets, weights, mask=None, positions=None, *, use_lora: bool = True):
-        """Return (weighted sum, per-position NLL (B, T)) of targets under the model; no gradient."""
-        self.run(tokens, mask, positions, use_lora=use_lora)
-        return self.engine.cross_entropy(_f32(targets, np.int32), _f32(weights))
+        """Return (weighted sum, per-position NLL (B, T)) of targets under the model; no gradient.
+
+        Only positions with a nonzero weight are scored; the NLL is 0 at the others.
+        """
+        weights = _f32(weights)
+        self.run(tokens, mask, positions, use_lora=use_lora, head_rows=weighted_rows(weights, tokens))
+        return self.engine.cross_entropy(_f32(targets, np.int32), weights)
 
     # ------------------------------------------------------------------
     # gradient passes
@@ -295,8 +306,9 @@ class Model:
 
         Weighted sum = Σ_{b,t} weights[b,t] · (−log p(targets[b,t] | tokens[b,:t+1])).
         """
-        self.run(tokens, mask, positions)
-        total, _ = self.engine.cross_entropy(_f32(targets, np.int32), _f32(weights), scale)
+        weights = _f32(weights)
+        self.run(tokens, mask, positions, head_rows=weighted_rows(weights, tokens))
+        total, _ = self.engine.cross_entropy(_f32(targets, np.int32), weights, scale)
         self.engine.backward(self.param_list(), self._grad_list())
         return total
 
@@ -402,6 +414,20 @@ class Model:
     def num_parameters(self, trainable_only: bool = False) -> int:
         names = self.trainable if trainable_only else list(self.params)
         return int(sum(self.params[name].size for name in names))
+
+
+def weighted_rows(weights: np.ndarray, tokens) -> Optional[np.ndarray]:
+    """Flattened indices of the rows with a nonzero weight, for Model.run's head_rows.
+
+    None (logits on every row) when every row or no row has weight, or when the
+    shapes disagree, so that the loss call reports the shape error itself.
+    """
+    if weights.shape != np.shape(tokens):
+        return None
+    rows = np.flatnonzero(weights.reshape(-1))
+    if rows.size == 0 or rows.size == weights.size:
+        return None
+    return rows.astype(np.int32)
 
 
 def _f32(array, dtype=np.float32) -> np.ndarray:

@@ -43,7 +43,7 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_folder, atomic_write_text
 from .batching import (BatchSampler, PromptTooLongError, encode_pair, encode_pairs, make_kl_batch,
-                       make_lm_batch, make_random_disassociation_batch, pad_id_for)
+                       make_lm_batch, make_random_disassociation_batch, pad_id_for, split_by_length)
 from .data import SKUData, load_sku_data
 from .model import Model
 from .optim import AdamW, LinearSchedule, clip_grad_norm, global_grad_norm
@@ -185,30 +185,40 @@ class SKU:
         return record
 
     def _accumulate_lm(self, model: Model, batch: dict, weight: float, step: int, module: str) -> float:
-        if weight == 0.0:
-            total, _ = model.token_nll(batch["tokens"], batch["targets"], batch["weights"], batch["mask"],
-                                       batch["positions"])
-        else:
-            total = model.accumulate_ce(batch["tokens"], batch["targets"], batch["weights"], batch["mask"],
-                                        batch["positions"], scale=weight)
+        # Chunks of similar length waste less compute on padding; the weights sum over chunks.
+        total = 0.0
+        for chunk in split_by_length(batch):
+            if weight == 0.0:
+                value, _ = model.token_nll(chunk["tokens"], chunk["targets"], chunk["weights"], chunk["mask"],
+                                           chunk["positions"])
+            else:
+                value = model.accumulate_ce(chunk["tokens"], chunk["targets"], chunk["weights"], chunk["mask"],
+                                            chunk["positions"], scale=weight)
+            total += float(value)
         self._check_finite(model, total, step, module)
-        return float(total)
+        return total
 
     def _accumulate_pd(self, model: Model, batch: dict, weight: float, step: int) -> float:
-        if self.config.lora:
-            reference = model.forward(batch["tokens"], batch["mask"], batch["positions"], use_lora=False)
-        else:
-            reference = model.forward(batch["tokens"], batch["mask"], batch["positions"], params=self._original)
-        if weight == 0.0:
-            model.run(batch["tokens"], batch["mask"], batch["positions"])
-            kl, _ = model.engine.kl_div(reference, batch["weights"])
-        else:
-            # PD = -KL, so the gradient of weight * PD is -weight times that of KL.
-            kl = model.accumulate_kl(batch["tokens"], reference, batch["weights"], batch["mask"],
-                                     batch["positions"], scale=-weight)
-        pd = -float(kl)
+        kl = 0.0
+        for chunk in split_by_length(batch):
+            kl += self._accumulate_kl_chunk(model, chunk, weight)
+        pd = -kl
         self._check_finite(model, pd, step, "PD")
         return pd
+
+    def _accumulate_kl_chunk(self, model: Model, chunk: dict, weight: float) -> float:
+        tokens, mask, positions = chunk["tokens"], chunk["mask"], chunk["positions"]
+        if self.config.lora:
+            reference = model.forward(tokens, mask, positions, use_lora=False)
+        else:
+            reference = model.forward(tokens, mask, positions, params=self._original)
+        if weight == 0.0:
+            model.run(tokens, mask, positions)
+            kl, _ = model.engine.kl_div(reference, chunk["weights"])
+        else:
+            # PD = -KL, so the gradient of weight * PD is -weight times that of KL.
+            kl = model.accumulate_kl(tokens, reference, chunk["weights"], mask, positions, scale=-weight)
+        return float(kl)
 
     @staticmethod
     def _check_finite(model: Model, loss: float, step: int, module: str) -> None:

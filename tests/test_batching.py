@@ -464,3 +464,31 @@ def test_smollm2_batch_weights(smollm2, real_pairs, template):
         assert not question.any()
         assert not padding.any()
         assert np.all(answer > 0)
+
+
+def test_split_by_length_cuts_padding():
+    from skupy.batching import split_by_length
+
+    lengths = [30, 5, 28, 6, 7, 29]
+    encoded = [EncodedPair(ids=list(range(1, n + 1)), answer_start=2) for n in lengths]
+    batch = batching.make_lm_batch(encoded, pad_id=0)
+    chunks = split_by_length(batch, chunk_cost=16)
+
+    assert len(chunks) == 2
+    assert sorted(chunk["tokens"].shape[1] for chunk in chunks) == [7, 30]
+    assert sorted(int(n) for chunk in chunks for n in chunk["lengths"]) == sorted(lengths)
+    total_weight = sum(float(chunk["weights"].sum()) for chunk in chunks)
+    assert total_weight == pytest.approx(float(batch["weights"].sum()))
+    for chunk in chunks:
+        for key in ("tokens", "mask", "positions", "targets", "weights"):
+            assert chunk[key].shape == chunk["tokens"].shape
+        assert chunk["mask"].sum() == chunk["lengths"].sum()
+
+
+def test_split_by_length_close_lengths():
+    from skupy.batching import split_by_length
+
+    encoded = [EncodedPair(ids=list(range(1, n + 1)), answer_start=2) for n in (20, 21, 22)]
+    chunks = split_by_length(batching.make_lm_batch(encoded, pad_id=0))
+    assert len(chunks) == 1
+    assert chunks[0]["tokens"].shape == (3, 22)
