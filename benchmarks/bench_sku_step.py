@@ -10,6 +10,7 @@ q_proj and v_proj.
 Usage:
     python benchmarks/bench_sku_step.py --mode lora --steps 3
     python benchmarks/bench_sku_step.py --mode full --steps 3
+    python benchmarks/bench_sku_step.py --mode full --steps 3 --recompute
 
 Prints per side: seconds per step (median), peak RSS, model FLOP utilization
 against the sgemm peak measured in the same run; then the skupy/PyTorch ratios.
@@ -102,6 +103,7 @@ def sgemm_peak_gflops(threads):
 
 def run_skupy(args):
     import skupy
+    from skupy.batching import split_by_length
     from skupy.checkpoint import load_checkpoint
     from skupy.data import load_sku_data
     from skupy.model import Model
@@ -112,24 +114,29 @@ def run_skupy(args):
     batches = build_batches(args, tokenizer, data, args.steps + 1)
     if args.mode == "lora":
         model = Model(config.replace(lora_rank=32, lora_alpha=16.0, lora_targets=("q_proj", "v_proj")), params,
-                      trainable="lora")
+                      trainable="lora", recompute=args.recompute)
         original = None
     else:
         original = params
-        model = Model(config, {name: array.copy() for name, array in params.items()}, trainable="all")
+        model = Model(config, {name: array.copy() for name, array in params.items()}, trainable="all",
+                      recompute=args.recompute)
     optimizer = skupy.AdamW({name: model.params[name] for name in model.trainable}, lr=1e-5)
 
+    # The same work as SKU.step: each batch split into length-sorted chunks (split_by_length),
+    # and cross-entropy logits only on rows with a loss weight (inside accumulate_ce).
     times = []
     for gd, rd, pd in batches:
         start = time.perf_counter()
         model.zero_grad()
-        model.accumulate_ce(gd["tokens"], gd["targets"], gd["weights"], gd["mask"], gd["positions"], scale=2.5)
-        model.accumulate_ce(rd["tokens"], rd["targets"], rd["weights"], rd["mask"], rd["positions"], scale=2.5)
-        if original is None:
-            reference = model.forward(pd["tokens"], pd["mask"], pd["positions"], use_lora=False)
-        else:
-            reference = model.forward(pd["tokens"], pd["mask"], pd["positions"], params=original)
-        model.accumulate_kl(pd["tokens"], reference, pd["weights"], pd["mask"], pd["positions"], scale=-1.0)
+        for batch in (gd, rd):
+            for c in split_by_length(batch):
+                model.accumulate_ce(c["tokens"], c["targets"], c["weights"], c["mask"], c["positions"], scale=2.5)
+        for c in split_by_length(pd):
+            if original is None:
+                reference = model.forward(c["tokens"], c["mask"], c["positions"], use_lora=False)
+            else:
+                reference = model.forward(c["tokens"], c["mask"], c["positions"], params=original)
+            model.accumulate_kl(c["tokens"], reference, c["weights"], c["mask"], c["positions"], scale=-1.0)
         optimizer.step(model.grads)
         times.append(time.perf_counter() - start)
     return config, batches, times[1:]
@@ -251,6 +258,8 @@ def main():
     parser.add_argument("--mode", choices=("lora", "full"), default="lora")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recompute", action="store_true",
+                        help="skupy keeps only block inputs and recomputes the rest in backward (less memory)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--k", type=int, default=5, help="random answers per question (RD)")
     parser.add_argument("--max-length", type=int, default=128)
@@ -266,11 +275,14 @@ def main():
     results = {}
     for side in ("skupy", "torch"):
         command = [sys.executable, __file__, "--side", side] + [a for a in sys.argv[1:]]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[side] = json.loads(output.strip().splitlines()[-1])
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            sys.exit(f"the {side} side failed with exit status {finished.returncode}:\n{finished.stderr}")
+        results[side] = json.loads(finished.stdout.strip().splitlines()[-1])
     peak = sgemm_peak_gflops(args.threads)
-    print(f"SKU step, SmolLM2-135M-Instruct, {args.mode}, batch {args.batch_size}, K={args.k}, "
-          f"max_length {args.max_length}, {args.threads} threads; sgemm peak {peak:.1f} GFLOP/s")
+    print(f"SKU step, SmolLM2-135M-Instruct, {args.mode}{', skupy recompute' if args.recompute else ''}, "
+          f"batch {args.batch_size}, K={args.k}, max_length {args.max_length}, {args.threads} threads; "
+          f"sgemm peak {peak:.1f} GFLOP/s")
     for side, result in results.items():
         gflops = result["flops"] / result["seconds"] / 1e9
         print(f"  {side:6s} {result['seconds']:.3f} s/step  peak RSS {result['peak_rss_mib']:.0f} MiB  "

@@ -1,4 +1,9 @@
-"""A short SKU run on the real SmolLM2-135M-Instruct with real PKU-SafeRLHF and TruthfulQA data."""
+"""A short SKU run on the real SmolLM2-135M-Instruct with real PKU-SafeRLHF and TruthfulQA data.
+
+The run keeps the smollm2-135m preset's loss weights, learning rate and step count, and cuts the
+cost per step: 64 harmful training pairs, K = 2 and sequences of at most 96 tokens.
+"""
+import numpy as np
 import dataclasses
 
 import pytest
@@ -25,9 +30,8 @@ def run():
     model = load_checkpoint("smollm2-135m-instruct")
     data = load_sku_data(data_dir_or_skip())
     data = dataclasses.replace(data, harmful_train=data.harmful_train[:64])
-    config = SKUConfig.from_preset("smollm2-135m", max_unlearn_steps=6, lr=2e-4, max_length=96,
-                                   num_random_answers=2)
-    sku = SKU(config, model=model, data=data, progress=False, eval_pairs=24)
+    config = SKUConfig.from_preset("smollm2-135m", max_length=96, num_random_answers=2)
+    sku = SKU(config, model=model, data=data, progress=False, eval_pairs=32)
     trained = {}
 
     original_task_vector = SKU.task_vector
@@ -53,13 +57,25 @@ def test_stage1_lowers_harmful_nll_on_training_pairs(run):
     assert after < before
 
 
+def test_guided_distortion_loss_falls(run):
+    _, result, _ = run
+    gd = np.array([record["gd"] for record in result.log])
+    assert gd[-20:].mean() < gd[:20].mean()
+
+
 def test_negation_raises_heldout_harmful_nll(run):
     _, result, _ = run
     evaluation = result.evaluation
     assert evaluation["unlearned"]["harmful_nll"] > evaluation["original"]["harmful_nll"]
 
 
-def test_losses_are_logged_for_every_step(run):
+def test_heldout_normal_nll_rises_less(run):
     _, result, _ = run
-    assert [record["step"] for record in result.log] == list(range(1, 7))
+    evaluation = result.evaluation
+    assert evaluation["normal_nll_change"] < evaluation["harmful_nll_change"]
+
+
+def test_losses_are_logged_for_every_step(run):
+    sku, result, _ = run
+    assert [record["step"] for record in result.log] == list(range(1, sku.config.max_unlearn_steps + 1))
     assert all(record["pd"] <= 1e-6 for record in result.log)  # PD = -KL, and KL >= 0
