@@ -160,12 +160,95 @@ void embedding_backward(float *dwte, const float *dout, const int32_t *tokens, i
 /* Linear layer                                                           */
 /* ---------------------------------------------------------------------- */
 
+/* Products with at most this many input rows skip sgemm (see linear_forward_few_rows). */
+#define FEW_ROWS 16
+
+/* Stores or adds one output value of linear_forward_few_rows. */
+static inline void put_output(float *dst, float value, int accumulate)
+{
+    *dst = accumulate ? *dst + value : value;
+}
+
+/* out (N,OC) (+)= inp (N,IC) @ w^T for N <= FEW_ROWS, as in decoding. sgemm
+ * copies the whole weight matrix into its packed layout on every call, which
+ * costs as much as the product when N is small. Here each thread takes two
+ * weight rows at a time and multiplies them with four input rows, so each
+ * loaded value serves several products. The function is compiled for AVX-512,
+ * AVX2 and plain x86-64 and the loader picks the clone the CPU supports, so the
+ * summation order depends on the CPU. */
+__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+static void linear_forward_few_rows(float *out, const float *inp, const float *w, int N, int IC,
+                                    int OC, int accumulate)
+{
+    int pairs = OC / 2;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < pairs; p++) {
+        int o = 2 * p;
+        const float *w0 = w + (size_t)o * IC, *w1 = w0 + IC;
+        int n = 0;
+        for (; n + 4 <= N; n += 4) {
+            const float *a0 = inp + (size_t)n * IC, *a1 = a0 + IC, *a2 = a1 + IC, *a3 = a2 + IC;
+            float s00 = 0.0f, s10 = 0.0f, s20 = 0.0f, s30 = 0.0f;
+            float s01 = 0.0f, s11 = 0.0f, s21 = 0.0f, s31 = 0.0f;
+#pragma omp simd reduction(+ : s00, s10, s20, s30, s01, s11, s21, s31)
+            for (int i = 0; i < IC; i++) {
+                s00 += a0[i] * w0[i];
+                s10 += a1[i] * w0[i];
+                s20 += a2[i] * w0[i];
+                s30 += a3[i] * w0[i];
+                s01 += a0[i] * w1[i];
+                s11 += a1[i] * w1[i];
+                s21 += a2[i] * w1[i];
+                s31 += a3[i] * w1[i];
+            }
+            float *row = out + (size_t)n * OC + o;
+            put_output(row, s00, accumulate);
+            put_output(row + 1, s01, accumulate);
+            put_output(row + OC, s10, accumulate);
+            put_output(row + OC + 1, s11, accumulate);
+            put_output(row + 2 * (size_t)OC, s20, accumulate);
+            put_output(row + 2 * (size_t)OC + 1, s21, accumulate);
+            put_output(row + 3 * (size_t)OC, s30, accumulate);
+            put_output(row + 3 * (size_t)OC + 1, s31, accumulate);
+        }
+        for (; n < N; n++) {
+            const float *a = inp + (size_t)n * IC;
+            float s0 = 0.0f, s1 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1)
+            for (int i = 0; i < IC; i++) {
+                s0 += a[i] * w0[i];
+                s1 += a[i] * w1[i];
+            }
+            put_output(out + (size_t)n * OC + o, s0, accumulate);
+            put_output(out + (size_t)n * OC + o + 1, s1, accumulate);
+        }
+    }
+    if (OC % 2 != 0) {
+        /* the last weight row when OC is odd */
+        int o = OC - 1;
+        const float *wrow = w + (size_t)o * IC;
+        for (int n = 0; n < N; n++) {
+            const float *a = inp + (size_t)n * IC;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < IC; i++) {
+                sum += a[i] * wrow[i];
+            }
+            put_output(out + (size_t)n * OC + o, sum, accumulate);
+        }
+    }
+}
+
 void linear_forward(float *out, const float *inp, const float *w, const float *bias,
                     int N, int IC, int OC, int accumulate)
 {
     // out (N,OC) (+)= inp (N,IC) @ w^T, with w (OC,IC) row-major as in PyTorch.
-    sk_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, IC, 1.0f, inp, IC, w, IC,
-             accumulate ? 1.0f : 0.0f, out, OC);
+    if (N <= FEW_ROWS) {
+        linear_forward_few_rows(out, inp, w, N, IC, OC, accumulate);
+    } else {
+        sk_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, IC, 1.0f, inp, IC, w, IC,
+                 accumulate ? 1.0f : 0.0f, out, OC);
+    }
     if (bias == NULL) {
         return;
     }

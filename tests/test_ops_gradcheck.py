@@ -226,6 +226,18 @@ def test_linear_forward_backward(with_bias):
         assert dbias is None
 
 
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 7, 8, 16, 17])
+def test_linear_forward_row_counts(N):
+    # Up to 16 rows take the few-rows kernel instead of sgemm; 17 takes sgemm.
+    rng = np.random.default_rng(N)
+    IC, OC = 37, 9
+    inp32, inp = random_f32(rng, N, IC)
+    w32, w = random_f32(rng, OC, IC)
+    b32, b = random_f32(rng, OC)
+    out = _core.linear_forward(inp32, w32, b32)
+    assert_forward_close(out, linear_reference(inp, w, b))
+
+
 def test_linear_backward_accumulates():
     rng = np.random.default_rng(2)
     inp, w, dout = (rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5, 4), (3, 5)])
