@@ -33,6 +33,11 @@ typedef struct {
     int state;       /* STATE_* */
     int num_specs;
     ParamSpec *specs;
+    /* Private copies of the caller's index and weight arrays. They are checked
+     * and then read with the GIL released, when another thread could change
+     * the caller's arrays, so the C code never reads the caller's copy twice. */
+    void *scratch;
+    size_t scratch_bytes;
 } EngineObject;
 
 /* ------------------------------------------------------------------------ */
@@ -198,6 +203,7 @@ static void engine_dealloc(EngineObject *self)
         model_free(&self->model);
     }
     PyMem_Free(self->specs);
+    PyMem_Free(self->scratch);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -329,8 +335,24 @@ static PyObject *engine_set_inv_freq(EngineObject *self, PyObject *args)
 /* ------------------------------------------------------------------------ */
 /* forward, losses, backward */
 
-/* Validates head_rows: 1-D int32, 1 to N entries, strictly increasing, in
- * [0,N). Returns it (borrowed), or NULL with ValueError. */
+/* Returns engine-owned scratch of at least bytes bytes (valid until the next
+ * call), or NULL with MemoryError. */
+static void *engine_scratch(EngineObject *self, size_t bytes)
+{
+    if (bytes > self->scratch_bytes) {
+        void *grown = PyMem_Realloc(self->scratch, bytes);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        self->scratch = grown;
+        self->scratch_bytes = bytes;
+    }
+    return self->scratch;
+}
+
+/* Checks that head_rows is a 1-D int32 array of 1 to N entries. Returns it
+ * (borrowed), or NULL with TypeError or ValueError. */
 static PyArrayObject *checked_head_rows(PyObject *obj, npy_intp N)
 {
     npy_intp any1[1] = {ANY_DIM};
@@ -345,17 +367,23 @@ static PyArrayObject *checked_head_rows(PyObject *obj, npy_intp N)
                      "for logits on every row", (Py_ssize_t)R, (Py_ssize_t)N);
         return NULL;
     }
-    const int32_t *r = I32(rows);
+    return rows;
+}
+
+/* Checks that the R head rows r are strictly increasing and lie in [0,N).
+ * Returns 0, or -1 with ValueError. */
+static int check_head_row_values(const int32_t *r, npy_intp R, npy_intp N)
+{
     for (npy_intp i = 0; i < R; i++) {
         if (r[i] < 0 || r[i] >= N || (i > 0 && r[i] <= r[i - 1])) {
             PyErr_Format(PyExc_ValueError,
                          "head_rows[%zd] = %d; head_rows must be strictly increasing row indices "
                          "of the flattened batch, in [0, %zd)", (Py_ssize_t)i, (int)r[i],
                          (Py_ssize_t)N);
-            return NULL;
+            return -1;
         }
     }
-    return rows;
+    return 0;
 }
 
 static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kwds)
@@ -397,12 +425,26 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     npy_intp bt[2] = {B, T};
     PyArrayObject *positions = check_array(positions_obj, "positions", NPY_INT32, 2, bt, 0);
     PyArrayObject *mask = positions ? check_array(mask_obj, "mask", NPY_INT32, 2, bt, 0) : NULL;
-    if (mask == NULL || check_index_range(I32(tokens), NULL, B * T, c->V, "tokens") < 0 ||
-        check_index_range(I32(positions), NULL, B * T, c->max_positions, "positions") < 0) {
+    PyArrayObject *head_rows = NULL;
+    if (mask == NULL ||
+        (rows_obj != Py_None && (head_rows = checked_head_rows(rows_obj, B * T)) == NULL)) {
         return NULL;
     }
-    PyArrayObject *head_rows = NULL;
-    if (rows_obj != Py_None && (head_rows = checked_head_rows(rows_obj, B * T)) == NULL) {
+    npy_intp N = B * T, R = head_rows != NULL ? PyArray_DIM(head_rows, 0) : 0;
+    int32_t *ints = engine_scratch(self, (size_t)(3 * N + R) * sizeof(int32_t));
+    if (ints == NULL) {
+        return NULL;
+    }
+    int32_t *tok = ints, *pos = ints + N, *msk = ints + 2 * N, *rows = ints + 3 * N;
+    memcpy(tok, I32(tokens), (size_t)N * sizeof(int32_t));
+    memcpy(pos, I32(positions), (size_t)N * sizeof(int32_t));
+    memcpy(msk, I32(mask), (size_t)N * sizeof(int32_t));
+    if (head_rows != NULL) {
+        memcpy(rows, I32(head_rows), (size_t)R * sizeof(int32_t));
+    }
+    if (check_index_range(tok, NULL, N, c->V, "tokens") < 0 ||
+        check_index_range(pos, NULL, N, c->max_positions, "positions") < 0 ||
+        (head_rows != NULL && check_head_row_values(rows, R, N) < 0)) {
         return NULL;
     }
 
@@ -426,9 +468,8 @@ static PyObject *engine_forward(EngineObject *self, PyObject *args, PyObject *kw
     }
 
     Py_BEGIN_ALLOW_THREADS
-    model_forward(m, slots, I32(tokens), I32(positions), I32(mask), (int)B, (int)T, use_lora,
-                  head_rows != NULL ? I32(head_rows) : NULL,
-                  head_rows != NULL ? (int)PyArray_DIM(head_rows, 0) : 0);
+    model_forward(m, slots, tok, pos, msk, (int)B, (int)T, use_lora,
+                  head_rows != NULL ? rows : NULL, (int)R);
     Py_END_ALLOW_THREADS
     self->state = STATE_LOGITS;
 
@@ -494,15 +535,26 @@ static PyObject *engine_hidden(EngineObject *self, PyObject *noargs)
     return out;
 }
 
-/* Validates (B,T) weights and returns them, or NULL with an exception. */
-static PyArrayObject *checked_weights(EngineObject *self, PyObject *obj)
+/* Checks that weights is a (B,T) float32 array and copies it into the engine's
+ * scratch, followed by extra_bytes for the caller. Returns the copy after
+ * checking that it is finite, or NULL with an exception. */
+static float *checked_weights(EngineObject *self, PyObject *obj, size_t extra_bytes)
 {
     npy_intp bt[2] = {self->model.B, self->model.T};
     PyArrayObject *w = check_array(obj, "weights", NPY_FLOAT32, 2, bt, 0);
-    if (w == NULL || check_finite_array(F32(w), bt[0] * bt[1], "weights") < 0) {
+    if (w == NULL) {
         return NULL;
     }
-    return w;
+    size_t n = (size_t)bt[0] * (size_t)bt[1];
+    float *copy = engine_scratch(self, n * sizeof(float) + extra_bytes);
+    if (copy == NULL) {
+        return NULL;
+    }
+    memcpy(copy, F32(w), n * sizeof(float));
+    if (check_finite_array(copy, (npy_intp)n, "weights") < 0) {
+        return NULL;
+    }
+    return copy;
 }
 
 /* Parses grad_scale: None (no gradient) or a finite float. */
@@ -603,11 +655,16 @@ static PyObject *engine_cross_entropy(EngineObject *self, PyObject *args, PyObje
     int N = m->B * m->T, V = m->cfg.V;
     npy_intp bt[2] = {m->B, m->T};
     PyArrayObject *targets = check_array(targets_obj, "targets", NPY_INT32, 2, bt, 0);
-    PyArrayObject *weights = targets ? checked_weights(self, weights_obj) : NULL;
+    float *weights = targets ? checked_weights(self, weights_obj, (size_t)N * sizeof(int32_t))
+                             : NULL;
+    if (weights == NULL) {
+        return NULL;
+    }
+    int32_t *target_copy = (int32_t *)(weights + N);
+    memcpy(target_copy, I32(targets), (size_t)N * sizeof(int32_t));
     int want_grad;
     float scale = 1.0f;
-    if (weights == NULL ||
-        check_index_range(I32(targets), F32(weights), N, V, "targets") < 0 ||
+    if (check_index_range(target_copy, weights, N, V, "targets") < 0 ||
         parse_grad_scale(scale_obj, &want_grad, &scale) < 0) {
         return NULL;
     }
@@ -616,12 +673,12 @@ static PyObject *engine_cross_entropy(EngineObject *self, PyObject *args, PyObje
     if (losses == NULL) {
         return NULL;
     }
-    if (head_rows_gather(m, F32(weights), I32(targets), &h) < 0) {
+    if (head_rows_gather(m, weights, target_copy, &h) < 0) {
         Py_DECREF(losses);
         return NULL;
     }
-    const float *w = h.weights != NULL ? h.weights : F32(weights);
-    const int32_t *t = h.targets != NULL ? h.targets : I32(targets);
+    const float *w = h.weights != NULL ? h.weights : weights;
+    const int32_t *t = h.targets != NULL ? h.targets : target_copy;
     float *l = h.losses != NULL ? h.losses : F32(losses);
     double total;
     Py_BEGIN_ALLOW_THREADS
@@ -655,7 +712,7 @@ static PyObject *engine_kl_div(EngineObject *self, PyObject *args, PyObject *kwd
     npy_intp bt[2] = {m->B, m->T};
     PyArrayObject *ref = m->R == N ? check_array(ref_obj, "ref_logits", NPY_FLOAT32, 3, btv, 0)
                                    : check_array(ref_obj, "ref_logits", NPY_FLOAT32, 2, rv, 0);
-    PyArrayObject *weights = ref ? checked_weights(self, weights_obj) : NULL;
+    float *weights = ref ? checked_weights(self, weights_obj, 0) : NULL;
     int want_grad;
     float scale = 1.0f;
     if (weights == NULL || parse_grad_scale(scale_obj, &want_grad, &scale) < 0) {
@@ -666,11 +723,11 @@ static PyObject *engine_kl_div(EngineObject *self, PyObject *args, PyObject *kwd
     if (losses == NULL) {
         return NULL;
     }
-    if (head_rows_gather(m, F32(weights), NULL, &h) < 0) {
+    if (head_rows_gather(m, weights, NULL, &h) < 0) {
         Py_DECREF(losses);
         return NULL;
     }
-    const float *w = h.weights != NULL ? h.weights : F32(weights);
+    const float *w = h.weights != NULL ? h.weights : weights;
     float *l = h.losses != NULL ? h.losses : F32(losses);
     double total;
     Py_BEGIN_ALLOW_THREADS
@@ -810,17 +867,30 @@ static PyObject *engine_generate(EngineObject *self, PyObject *args, PyObject *k
     }
     npy_intp bt[2] = {B, Tp};
     PyArrayObject *mask = check_array(mask_obj, "mask", NPY_INT32, 2, bt, 0);
-    if (mask == NULL || check_index_range(I32(tokens), NULL, B * Tp, c->V, "tokens") < 0) {
+    if (mask == NULL) {
         return NULL;
     }
     PyArrayObject *stop = NULL;
     if (stop_obj != Py_None) {
         npy_intp any1[1] = {ANY_DIM};
-        stop = check_array(stop_obj, "stop_ids", NPY_INT32, 1, any1, 0);
-        if (stop == NULL ||
-            check_index_range(I32(stop), NULL, PyArray_DIM(stop, 0), c->V, "stop_ids") < 0) {
+        if ((stop = check_array(stop_obj, "stop_ids", NPY_INT32, 1, any1, 0)) == NULL) {
             return NULL;
         }
+    }
+    npy_intp N = B * Tp, num_stop = stop != NULL ? PyArray_DIM(stop, 0) : 0;
+    int32_t *ints = engine_scratch(self, (size_t)(2 * N + num_stop) * sizeof(int32_t));
+    if (ints == NULL) {
+        return NULL;
+    }
+    int32_t *tok = ints, *msk = ints + N, *stop_copy = ints + 2 * N;
+    memcpy(tok, I32(tokens), (size_t)N * sizeof(int32_t));
+    memcpy(msk, I32(mask), (size_t)N * sizeof(int32_t));
+    if (stop != NULL) {
+        memcpy(stop_copy, I32(stop), (size_t)num_stop * sizeof(int32_t));
+    }
+    if (check_index_range(tok, NULL, N, c->V, "tokens") < 0 ||
+        check_index_range(stop_copy, NULL, num_stop, c->V, "stop_ids") < 0) {
+        return NULL;
     }
     if ((double)B * (double)(Tp + max_new) > 1e7) {
         PyErr_Format(PyExc_ValueError, "generation batch of %zd x %zd tokens is too large",
@@ -854,14 +924,14 @@ static PyObject *engine_generate(EngineObject *self, PyObject *args, PyObject *k
     }
     GenerateOptions opt = {
         .temperature = (float)temperature, .top_k = top_k, .top_p = (float)top_p,
-        .seed = (uint64_t)seed, .stop_ids = stop ? I32(stop) : NULL,
-        .num_stop = stop ? (int)PyArray_DIM(stop, 0) : 0, .pad_id = pad_id,
+        .seed = (uint64_t)seed, .stop_ids = stop != NULL ? stop_copy : NULL,
+        .num_stop = (int)num_stop, .pad_id = pad_id,
         .use_lora = use_lora && c->lora_rank > 0,
     };
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = model_generate(m, slots, I32(tokens), I32(mask), (int)B, (int)Tp, max_new, &opt,
-                        I32(out), I32(lengths));
+    rc = model_generate(m, slots, tok, msk, (int)B, (int)Tp, max_new, &opt, I32(out),
+                        I32(lengths));
     Py_END_ALLOW_THREADS
     Py_DECREF(keep);
     PyMem_Free(slots);
@@ -977,9 +1047,10 @@ static PyMethodDef engine_methods[] = {
      "Run the model on tokens (B,T) int32 with positions (B,T) int32 and key mask (B,T) int32\n"
      "(1 = real token). Keeps logits (B,T,V) and activations for backward. head_rows, an\n"
      "increasing int32 (R,) array of flattened row indices, limits the LM head to those rows:\n"
-     "the logits are then (R,V) and loss weights must be zero on every other row."},
+     "when R < B*T the logits are then (R,V), and loss weights must be zero on every other row."},
     {"logits", (PyCFunction)engine_logits_claimed, METH_NOARGS,
-     "logits() -> float32 copy of the last forward's logits: (B,T,V), or (R,V) with head_rows."},
+     "logits() -> float32 copy of the last forward's logits: (B,T,V), or (R,V) when head_rows\n"
+     "left out some rows."},
     {"hidden", (PyCFunction)engine_hidden_claimed, METH_NOARGS,
      "hidden() -> (B,T,E) float32 copy of the LM head's input from the last forward."},
     {"cross_entropy", (PyCFunction)(void (*)(void))engine_cross_entropy_claimed,
@@ -990,7 +1061,8 @@ static PyMethodDef engine_methods[] = {
     {"kl_div", (PyCFunction)(void (*)(void))engine_kl_div_claimed, METH_VARARGS | METH_KEYWORDS,
      "kl_div(ref_logits, weights, reverse=False, grad_scale=None) -> (weighted_sum, losses)\n\n"
      "KL(p_ref || p) per position (reverse: KL(p || p_ref)), p from the last logits.\n"
-     "ref_logits has the shape logits() returns: (B,T,V), or (R,V) after head_rows."},
+     "ref_logits has the shape logits() returns: (B,T,V), or (R,V) after head_rows that left\n"
+     "out some rows."},
     {"generate", (PyCFunction)(void (*)(void))engine_generate_claimed, METH_VARARGS | METH_KEYWORDS,
      "generate(params, tokens, mask, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,\n"
      "         seed=0, stop_ids=None, pad_id=0, use_lora=True) -> (new_tokens, lengths)\n\n"

@@ -244,6 +244,14 @@ PyDoc_STRVAR(embedding_forward_doc,
 "Raises TypeError for a wrong dtype, ValueError for a wrong shape, a zero\n"
 "dimension or a token id outside [0, V).");
 
+/* Returns a new reference to a private copy of arr, or NULL with an exception.
+ * Index arrays are checked and used through such copies, because another
+ * thread could change the caller's array while the GIL is released. */
+static PyArrayObject *private_copy(PyArrayObject *arr)
+{
+    return (PyArrayObject *)PyArray_NewCopy(arr, NPY_CORDER);
+}
+
 static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"tokens", "wte", NULL};
@@ -262,18 +270,21 @@ static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *
     }
     int N = (int)PyArray_DIM(tokens, 0);
     int V = (int)PyArray_DIM(wte, 0), C = (int)PyArray_DIM(wte, 1);
-    if (check_index_range(I32(tokens), NULL, N, V, "tokens") < 0) {
+    PyArrayObject *ids = private_copy(tokens);
+    if (ids == NULL) {
         return NULL;
     }
-
     npy_intp out_shape[2] = {N, C};
-    PyArrayObject *out = new_float_array(2, out_shape);
-    if (out == NULL) {
-        return NULL;
+    PyArrayObject *out = NULL;
+    if (check_index_range(I32(ids), NULL, N, V, "tokens") == 0) {
+        out = new_float_array(2, out_shape);
     }
-    Py_BEGIN_ALLOW_THREADS
-    embedding_forward(F32(out), I32(tokens), F32(wte), N, C);
-    Py_END_ALLOW_THREADS
+    if (out != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        embedding_forward(F32(out), I32(ids), F32(wte), N, C);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(ids);
     return (PyObject *)out;
 }
 
@@ -310,7 +321,12 @@ static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject 
         PyErr_Format(PyExc_ValueError, "vocab_size must be at least 1, got %d", V);
         return NULL;
     }
-    if (check_index_range(I32(tokens), NULL, N, V, "tokens") < 0) {
+    PyArrayObject *ids = private_copy(tokens);
+    if (ids == NULL) {
+        return NULL;
+    }
+    if (check_index_range(I32(ids), NULL, N, V, "tokens") < 0) {
+        Py_DECREF(ids);
         return NULL;
     }
 
@@ -318,12 +334,12 @@ static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject 
     PyArrayObject *inputs[] = {dout, tokens};
     const char *names[] = {"dout", "tokens"};
     PyArrayObject *dwte = checked_gradient(dwte_obj, "dwte", 2, dwte_shape, inputs, names, 2);
-    if (dwte == NULL) {
-        return NULL;
+    if (dwte != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        embedding_backward(F32(dwte), F32(dout), I32(ids), N, C);
+        Py_END_ALLOW_THREADS
     }
-    Py_BEGIN_ALLOW_THREADS
-    embedding_backward(F32(dwte), F32(dout), I32(tokens), N, C);
-    Py_END_ALLOW_THREADS
+    Py_DECREF(ids);
     return (PyObject *)dwte;
 }
 
@@ -1166,15 +1182,29 @@ static int check_logits_and_weights(PyObject *logits_obj, PyObject *weights_obj,
 }
 
 /* Checks targets (N,) against logits (N,V): every target of a row with a
- * nonzero weight must lie in [0, V). */
+ * nonzero weight must lie in [0, V). The check runs on private copies of
+ * targets and weights, returned as new references in *target_copy and
+ * *weight_copy for the computation to read. Returns the caller's targets
+ * (borrowed), or NULL with an exception and no copies. */
 static PyArrayObject *check_targets(PyObject *targets_obj, PyArrayObject *logits,
-                                    PyArrayObject *weights)
+                                    PyArrayObject *weights, PyArrayObject **target_copy,
+                                    PyArrayObject **weight_copy)
 {
+    *target_copy = NULL;
+    *weight_copy = NULL;
     npy_intp n_shape[1] = {PyArray_DIM(logits, 0)};
     PyArrayObject *targets = check_array(targets_obj, "targets", NPY_INT32, 1, n_shape, 0);
-    if (targets == NULL ||
-        check_index_range(I32(targets), F32(weights), PyArray_SIZE(targets),
+    if (targets == NULL) {
+        return NULL;
+    }
+    *target_copy = private_copy(targets);
+    *weight_copy = *target_copy != NULL ? private_copy(weights) : NULL;
+    if (*weight_copy == NULL ||
+        check_finite_array(F32(*weight_copy), PyArray_SIZE(*weight_copy), "weights") < 0 ||
+        check_index_range(I32(*target_copy), F32(*weight_copy), PyArray_SIZE(targets),
                           (int32_t)PyArray_DIM(logits, 1), "targets") < 0) {
+        Py_CLEAR(*target_copy);
+        Py_CLEAR(*weight_copy);
         return NULL;
     }
     return targets;
@@ -1227,21 +1257,25 @@ static PyObject *py_crossentropy_forward(PyObject *self, PyObject *args, PyObjec
     if (check_logits_and_weights(logits_obj, weights_obj, &logits, &weights) < 0) {
         return NULL;
     }
-    PyArrayObject *targets = check_targets(targets_obj, logits, weights);
-    if (targets == NULL) {
+    PyArrayObject *target_copy, *weight_copy;
+    if (check_targets(targets_obj, logits, weights, &target_copy, &weight_copy) == NULL) {
         return NULL;
     }
     int N = (int)PyArray_DIM(logits, 0), V = (int)PyArray_DIM(logits, 1);
     npy_intp n_shape[1] = {N};
     PyArrayObject *losses = new_float_array(1, n_shape);
-    if (losses == NULL) {
-        return NULL;
+    PyObject *result = NULL;
+    if (losses != NULL) {
+        double total;
+        Py_BEGIN_ALLOW_THREADS
+        total = crossentropy_forward(F32(losses), F32(logits), I32(target_copy), F32(weight_copy),
+                                     N, V);
+        Py_END_ALLOW_THREADS
+        result = Py_BuildValue("(dN)", total, losses);
     }
-    double total;
-    Py_BEGIN_ALLOW_THREADS
-    total = crossentropy_forward(F32(losses), F32(logits), I32(targets), F32(weights), N, V);
-    Py_END_ALLOW_THREADS
-    return Py_BuildValue("(dN)", total, losses);
+    Py_DECREF(target_copy);
+    Py_DECREF(weight_copy);
+    return result;
 }
 
 PyDoc_STRVAR(crossentropy_backward_doc,
@@ -1267,21 +1301,30 @@ static PyObject *py_crossentropy_backward(PyObject *self, PyObject *args, PyObje
     if (check_logits_and_weights(logits_obj, weights_obj, &logits, &weights) < 0) {
         return NULL;
     }
-    PyArrayObject *targets = check_targets(targets_obj, logits, weights);
+    PyArrayObject *target_copy, *weight_copy;
+    PyArrayObject *targets = check_targets(targets_obj, logits, weights, &target_copy,
+                                           &weight_copy);
     float scale;
-    if (targets == NULL || parse_finite_float(scale_obj, "scale", &scale) < 0) {
+    if (targets == NULL) {
+        return NULL;
+    }
+    if (parse_finite_float(scale_obj, "scale", &scale) < 0) {
+        Py_DECREF(target_copy);
+        Py_DECREF(weight_copy);
         return NULL;
     }
     PyArrayObject *others[] = {targets, weights};
     const char *other_names[] = {"targets", "weights"};
     PyArrayObject *dlogits = dlogits_output(out_obj, logits, others, other_names, 2);
-    if (dlogits == NULL) {
-        return NULL;
+    if (dlogits != NULL) {
+        int N = (int)PyArray_DIM(logits, 0), V = (int)PyArray_DIM(logits, 1);
+        Py_BEGIN_ALLOW_THREADS
+        crossentropy_backward(F32(dlogits), F32(logits), I32(target_copy), F32(weight_copy),
+                              scale, N, V);
+        Py_END_ALLOW_THREADS
     }
-    int N = (int)PyArray_DIM(logits, 0), V = (int)PyArray_DIM(logits, 1);
-    Py_BEGIN_ALLOW_THREADS
-    crossentropy_backward(F32(dlogits), F32(logits), I32(targets), F32(weights), scale, N, V);
-    Py_END_ALLOW_THREADS
+    Py_DECREF(target_copy);
+    Py_DECREF(weight_copy);
     return (PyObject *)dlogits;
 }
 

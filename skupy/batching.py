@@ -26,6 +26,7 @@ is the end of the assistant turn.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -261,10 +262,12 @@ def split_by_length(batch: dict, chunk_cost: int = CHUNK_COST_TOKENS) -> list:
     """Split a right-padded batch into chunks of similar length, each cut to its longest row.
 
     Rows are sorted by length and cut into consecutive groups so that the padded
-    tokens plus chunk_cost per group are fewest. Every array keeps its row
-    values, and the weights are not renormalized, so a weighted loss summed over
+    tokens plus chunk_cost per group are fewest. Every array with one entry per
+    row keeps its row values (other values are shared by every chunk), and the weights are not renormalized, so a weighted loss summed over
     the chunks equals the loss of the whole batch. Returns a list of batch dicts.
     """
+    if not math.isfinite(chunk_cost) or chunk_cost < 0:
+        raise ValueError(f"chunk_cost must be a finite number >= 0, got {chunk_cost!r}")
     lengths = np.asarray(batch["lengths"], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
     sorted_lengths = lengths[order]
@@ -289,8 +292,9 @@ def split_by_length(batch: dict, chunk_cost: int = CHUNK_COST_TOKENS) -> list:
         width = int(lengths[rows].max())
         chunk = {}
         for key, value in batch.items():
-            value = np.asarray(value)
-            if value.ndim == 2:
+            if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != count:
+                chunk[key] = value  # not one entry per row: shared by every chunk
+            elif value.ndim == 2:
                 chunk[key] = np.ascontiguousarray(value[rows, :width])
             else:
                 chunk[key] = np.ascontiguousarray(value[rows])

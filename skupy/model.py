@@ -268,7 +268,7 @@ class Model:
         """
         tokens, mask, positions = self._inputs(tokens, mask, positions)
         if head_rows is not None:
-            head_rows = np.ascontiguousarray(head_rows, dtype=np.int32)
+            head_rows = as_row_indices(head_rows)
         self.engine.forward(self.param_list(params), tokens, positions, mask, use_lora, head_rows)
         return tokens, mask
 
@@ -414,6 +414,16 @@ class Model:
     def num_parameters(self, trainable_only: bool = False) -> int:
         names = self.trainable if trainable_only else list(self.params)
         return int(sum(self.params[name].size for name in names))
+
+
+def as_row_indices(rows) -> np.ndarray:
+    """Return rows as a contiguous int32 array; raise TypeError for non-integers, ValueError beyond int32."""
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu":
+        raise TypeError(f"head_rows must contain integer row indices, got dtype {rows.dtype}")
+    if rows.size and (rows.min() < np.iinfo(np.int32).min or rows.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"head_rows has values outside the int32 range (from {rows.min()} to {rows.max()})")
+    return np.ascontiguousarray(rows, dtype=np.int32)
 
 
 def weighted_rows(weights: np.ndarray, tokens) -> Optional[np.ndarray]:

@@ -365,7 +365,8 @@ PRESETS = {
                        "the paper's loss weights (epsilon 2.5 / 2.5 / 1) and batch 2, with LoRA r = 32, "
                        "alpha = 16 on q_proj and v_proj, K = 3, 80 steps, max_length 128 and the chat "
                        "template. lr 1e-3 is higher than the paper's 2e-4 so that 80 LoRA steps move "
-                       "the weights noticeably.",
+                       "the weights noticeably. NOTE: with epsilon 3 = 1 the PD term dominates on this model "
+                       "and the GD loss stops falling; normal_weight=0.2 keeps GD falling.",
         "values": dict(PAPER_SETTINGS, model="smollm2-135m-instruct", template="chat", max_length=128,
                        num_random_answers=3, max_unlearn_steps=80, lr=1e-3, lora=True, lora_rank=32,
                        lora_alpha=16.0, lora_targets=("q_proj", "v_proj"), log_every=5),

@@ -492,3 +492,23 @@ def test_split_by_length_close_lengths():
     chunks = split_by_length(batching.make_lm_batch(encoded, pad_id=0))
     assert len(chunks) == 1
     assert chunks[0]["tokens"].shape == (3, 22)
+
+
+def test_split_by_length_shared_values():
+    from skupy.batching import split_by_length
+
+    encoded = [EncodedPair(ids=list(range(1, n + 1)), answer_start=2) for n in (5, 40)]
+    batch = batching.make_lm_batch(encoded, pad_id=0)
+    batch["template"] = "sku"
+    chunks = split_by_length(batch, chunk_cost=0)
+    assert len(chunks) == 2
+    assert all(chunk["template"] == "sku" for chunk in chunks)
+
+
+@pytest.mark.parametrize("cost", [-1, float("nan"), float("inf")])
+def test_split_by_length_bad_cost(cost):
+    from skupy.batching import split_by_length
+
+    batch = batching.make_lm_batch([EncodedPair(ids=[1, 2, 3], answer_start=1)], pad_id=0)
+    with pytest.raises(ValueError, match="chunk_cost must be a finite number >= 0"):
+        split_by_length(batch, chunk_cost=cost)

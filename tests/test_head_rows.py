@@ -139,3 +139,15 @@ def test_weighted_rows_full_or_empty():
     assert weighted_rows(np.zeros((2, 3), np.float32), tokens) is None
     assert weighted_rows(np.ones((2, 4), np.float32), tokens) is None
     np.testing.assert_array_equal(weighted_rows(np.array([[0, 1, 0], [2, 0, 0]], np.float32), tokens), [1, 3])
+
+
+@pytest.mark.parametrize("rows,error", [
+    (np.array([1.7, 2.2]), TypeError),
+    (np.zeros(B * T, bool), TypeError),
+    (np.array([1, 2 ** 32 + 2]), ValueError),
+])
+def test_run_rejects_converted_rows(rows, error):
+    model = build(True, False)
+    tokens, _, mask, _ = batch()
+    with pytest.raises(error, match="head_rows"):
+        model.run(tokens, mask, head_rows=rows)
