@@ -189,6 +189,7 @@ class Table:
     """Rows of one result table; columns keep the order in which keys first appear."""
 
     rows: list = field(default_factory=list)
+    header: str = ""  # markdown text printed above the table, e.g. the judge and its agreement
 
     @property
     def columns(self) -> list:
@@ -208,7 +209,8 @@ class Table:
 
     def to_markdown(self) -> str:
         columns = self.columns
-        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines = [self.header, ""] if self.header else []
+        lines += ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         for row in self.rows:
             cells = [f"{row[key]:g}" if key == "lambda" and _is_number(row.get(key)) else _format_cell(row.get(key))
                      for key in columns]
@@ -368,7 +370,7 @@ def compare(methods, config: SKUConfig, data=None, judge=None, eval_settings=Non
     base_config, base_params, tokenizer = model
 
     original = Model(base_config, base_params, trainable=[], tokenizer=tokenizer)
-    table = Table()
+    table = Table(header=judge_header(judge))
     started = time.perf_counter()
     results = run_evaluator(evaluate, original, data, judge, original, eval_settings)
     save_evaluation(results, out / "original_eval")
@@ -400,6 +402,13 @@ def compare(methods, config: SKUConfig, data=None, judge=None, eval_settings=Non
     write_table(table, out, "compare", extra)
     plot_comparison(table, out / "compare.png")
     return table
+
+
+def judge_header(judge) -> str:
+    """Return the table header sentence: the judge's name and its measured agreement with human labels."""
+    from .evaluate import describe_judge
+
+    return describe_judge(_judge_label(judge) or "none", getattr(judge, "agreement", None))
 
 
 def _judge_label(judge) -> Optional[str]:
@@ -545,7 +554,7 @@ def sweep_lambda(source, lambdas, data=None, judge=None, eval_settings=None, out
     out = Path(out_dir) if out_dir is not None else None
 
     original = Model(base_config, base_params, trainable=[], tokenizer=tokenizer)
-    table = Table()
+    table = Table(header=judge_header(judge))
     for value in values:
         if value == 0.0:
             candidate = original

@@ -384,18 +384,23 @@ def _plain(value):
 # Output
 
 
+def describe_judge(name: str, agreement: Optional[dict]) -> str:
+    """Return the sentence naming a judge and, when measured, its agreement with human labels."""
+    agreement = agreement or {}
+    line = f"Judge: {name}"
+    if "accuracy" in agreement:
+        line += (f" (held-out agreement with human labels: accuracy {agreement['accuracy']:.3f}, "
+                 f"F1 {agreement.get('f1', float('nan')):.3f}, {agreement.get('num_examples', '?')} responses)")
+    return line + "."
+
+
 def format_results_table(results: dict) -> str:
     """Return a markdown table of the metrics in results, with the judge and its agreement."""
     title = results.get("model") or "model"
     lines = [f"# Evaluation of {title}", ""]
 
     judge = results.get("judge", {})
-    agreement = judge.get("agreement") or {}
-    judge_line = f"Judge: {judge.get('name', 'unknown')}"
-    if "accuracy" in agreement:
-        judge_line += (f" (held-out agreement with human labels: accuracy {agreement['accuracy']:.3f}, "
-                       f"F1 {agreement.get('f1', float('nan')):.3f}, {agreement.get('num_examples', '?')} responses)")
-    lines.append(judge_line + ".")
+    lines.append(describe_judge(judge.get("name", "unknown"), judge.get("agreement")))
 
     if results.get("reference_model"):
         lines.append(f"Reference model (fluency and similarity): {results['reference_model']}.")

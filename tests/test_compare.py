@@ -87,11 +87,26 @@ def test_compare_writes_table_and_plot(tiny, data, tmp_path):
     assert [row["method"] for row in rows] == ["original", "ga", "tv"]
     assert float(rows[1]["harmful_nll"]) == pytest.approx(ga["harmful_nll"])
     markdown = (tmp_path / "compare.md").read_text()
-    assert markdown.startswith("| method | harmful_nll | normal_nll |")
+    assert markdown.startswith("Judge: refusal.\n\n| method | harmful_nll | normal_nll |")
     document = json.loads((tmp_path / "compare.json").read_text())
     assert document["methods"] == ["ga", "tv"]
     assert document["config"]["max_unlearn_steps"] == 2
     assert json.loads((tmp_path / "runs" / "ga" / "manifest.json").read_text())["method"] == "ga"
+
+
+def test_judge_header_reports_agreement():
+    from skupy.compare import judge_header
+
+    class MeasuredJudge:
+        name = "learned"
+        agreement = {"accuracy": 0.6458, "f1": 0.6473, "num_examples": 2298}
+
+        def __call__(self, pairs):
+            return []
+
+    header = judge_header(MeasuredJudge())
+    assert header == ("Judge: learned (held-out agreement with human labels: accuracy 0.646, F1 0.647, "
+                      "2298 responses).")
 
 
 def test_compare_unknown_method_before_training(tiny, data, tmp_path):
