@@ -33,9 +33,9 @@ typedef struct {
     int state;       /* STATE_* */
     int num_specs;
     ParamSpec *specs;
-    /* Private copies of the caller's index and weight arrays. They are checked
-     * and then read with the GIL released, when another thread could change
-     * the caller's arrays, so the C code never reads the caller's copy twice. */
+    /* Scratch for private copies of the caller's index and weight arrays. The
+     * C code checks the copies and reads them with the GIL released, so a
+     * thread that changes the caller's arrays meanwhile cannot undo a check. */
     void *scratch;
     size_t scratch_bytes;
 } EngineObject;

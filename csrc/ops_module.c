@@ -1200,7 +1200,6 @@ static PyArrayObject *check_targets(PyObject *targets_obj, PyArrayObject *logits
     *target_copy = private_copy(targets);
     *weight_copy = *target_copy != NULL ? private_copy(weights) : NULL;
     if (*weight_copy == NULL ||
-        check_finite_array(F32(*weight_copy), PyArray_SIZE(*weight_copy), "weights") < 0 ||
         check_index_range(I32(*target_copy), F32(*weight_copy), PyArray_SIZE(targets),
                           (int32_t)PyArray_DIM(logits, 1), "targets") < 0) {
         Py_CLEAR(*target_copy);
