@@ -263,8 +263,9 @@ def split_by_length(batch: dict, chunk_cost: int = CHUNK_COST_TOKENS) -> list:
 
     Rows are sorted by length and cut into consecutive groups so that the padded
     tokens plus chunk_cost per group are fewest. Every array with one entry per
-    row keeps its row values (other values are shared by every chunk), and the weights are not renormalized, so a weighted loss summed over
-    the chunks equals the loss of the whole batch. Returns a list of batch dicts.
+    row keeps its row values, and other values are shared by every chunk. The
+    weights are not renormalized, so a weighted loss summed over the chunks
+    equals the loss of the whole batch. Returns a list of batch dicts.
     """
     if not math.isfinite(chunk_cost) or chunk_cost < 0:
         raise ValueError(f"chunk_cost must be a finite number >= 0, got {chunk_cost!r}")

@@ -185,7 +185,7 @@ class SKU:
         return record
 
     def _accumulate_lm(self, model: Model, batch: dict, weight: float, step: int, module: str) -> float:
-        # Chunks of similar length waste less compute on padding; the weights sum over chunks.
+        # Chunks of similar length waste less compute on padding, and their weighted losses add up.
         total = 0.0
         for chunk in split_by_length(batch):
             if weight == 0.0:
